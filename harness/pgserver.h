@@ -1,0 +1,121 @@
+/*
+ * pgserver: throwaway PostgreSQL 15 clusters for tests and scenarios.
+ *
+ * A cluster lives in its own temp dir (data dir, Unix socket dir, log),
+ * listens on a free loopback TCP port, uses scram-sha-256 for TCP and has
+ * one login role with a known password and a database of the same name.
+ * As root the server runs as the `postgres` system user. Binaries come from
+ * `pg_config --bindir` or /usr/lib/postgresql/<15..>/bin.
+ *
+ * Creating a cluster copies a template data dir made once per process, so
+ * the second and later clusters cost a copy, not an initdb.
+ *
+ * Nothing is left behind: each cluster has a reaper process that stops the
+ * server (immediate mode) and removes the temp dir when the cluster is
+ * destroyed or when the owning process dies for any reason, SIGKILL
+ * included.
+ *
+ * Administrative SQL (terminate, count, ALTER ROLE) runs through psql as a
+ * separate process, so it never goes through the process's own libpq (which
+ * in pgfault is fakepq) and never shows up in a pool's counters.
+ *
+ * Functions that can fail return 0 (or a count >= 0) on success and -1 on
+ * failure, filling err with "what: why" when err is not NULL.
+ */
+#ifndef PGFAULT_PGSERVER_H
+#define PGFAULT_PGSERVER_H
+
+#include <stddef.h>
+
+#define PGSERVER_MUSTCHECK __attribute__((warn_unused_result))
+
+struct pgserver;
+
+struct pgserver_options {
+    const char *user;     /* login role; default "pgfault" */
+    const char *password; /* its password; default "pgfault" */
+    const char *dbname;   /* database owned by user; default "pgfault" */
+    int max_connections;  /* default 100 */
+    int port;             /* 0 (default): a free loopback port */
+};
+
+/* Fills o with the defaults above. */
+void pgserver_options_init(struct pgserver_options *o);
+
+/* Creates a cluster (not started). On failure nothing is left behind and
+ * err names the step that failed; if no server binaries are found the
+ * message says to run `make deps`. */
+int pgserver_create(const struct pgserver_options *o, struct pgserver **out, char *err,
+                    size_t errlen) PGSERVER_MUSTCHECK;
+
+/* Starts the server and waits until it accepts connections. */
+int pgserver_start(struct pgserver *s, char *err, size_t errlen) PGSERVER_MUSTCHECK;
+
+enum pgserver_stop_mode {
+    PGSERVER_STOP_SMART,     /* wait for clients to disconnect */
+    PGSERVER_STOP_FAST,      /* FATAL 57P01 to every backend, clean shutdown */
+    PGSERVER_STOP_IMMEDIATE, /* crash-like: backends killed, recovery on next start */
+};
+
+/* Stops the server and waits until the postmaster has exited. */
+int pgserver_stop(struct pgserver *s, enum pgserver_stop_mode mode, char *err,
+                  size_t errlen) PGSERVER_MUSTCHECK;
+
+/* stop(mode) then start, on the same port. */
+int pgserver_restart(struct pgserver *s, enum pgserver_stop_mode mode, char *err,
+                     size_t errlen) PGSERVER_MUSTCHECK;
+
+/* Whether the postmaster is running. */
+int pgserver_running(const struct pgserver *s);
+
+/* The TCP port, host ("127.0.0.1"), role, password and database name. */
+int pgserver_port(const struct pgserver *s);
+const char *pgserver_host(const struct pgserver *s);
+const char *pgserver_user(const struct pgserver *s);
+const char *pgserver_password(const struct pgserver *s);
+const char *pgserver_dbname(const struct pgserver *s);
+
+/* The cluster's temp dir (data dir is <dir>/data, log <dir>/server.log). */
+const char *pgserver_dir(const struct pgserver *s);
+
+/* Writes a libpq conninfo for the TCP port, the role and its password,
+ * followed by extra (may be NULL), e.g. "host=127.0.0.1 port=54321
+ * user=pgfault password=pgfault dbname=pgfault connect_timeout=2". Returns
+ * 0, or -1 if buf is too small. */
+int pgserver_conninfo(const struct pgserver *s, char *buf, size_t len, const char *extra);
+
+/* Runs SQL through psql as the superuser over the Unix socket; the
+ * unaligned, tuples-only output (trailing newline stripped) goes to out
+ * (may be NULL). */
+int pgserver_sql(struct pgserver *s, const char *sql, char *out, size_t outlen, char *err,
+                 size_t errlen) PGSERVER_MUSTCHECK;
+
+enum pgserver_which {
+    PGSERVER_BACKENDS_ALL,     /* every client backend of the role */
+    PGSERVER_BACKENDS_IDLE,    /* those in state 'idle' */
+    PGSERVER_BACKENDS_APPNAME, /* those with application_name == appname */
+};
+
+/* pg_terminate_backend() on the role's client backends (never the admin
+ * connection). Returns how many were terminated, or -1. */
+int pgserver_terminate(struct pgserver *s, enum pgserver_which which, const char *appname,
+                       char *err, size_t errlen);
+
+/* Counts the role's client backends (appname NULL: all of them). Returns
+ * the count, or -1. */
+int pgserver_count_backends(struct pgserver *s, const char *appname, char *err, size_t errlen);
+
+/* ALTER ROLE ... PASSWORD. Existing sessions are unaffected. */
+int pgserver_set_password(struct pgserver *s, const char *password, char *err,
+                          size_t errlen) PGSERVER_MUSTCHECK;
+
+/* Sets max_connections in postgresql.conf; takes effect at the next
+ * (re)start. */
+int pgserver_set_max_connections(struct pgserver *s, int n, char *err,
+                                 size_t errlen) PGSERVER_MUSTCHECK;
+
+/* Stops the server (immediate) if running and removes the temp dir.
+ * NULL is a no-op. */
+void pgserver_destroy(struct pgserver *s);
+
+#endif

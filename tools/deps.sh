@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Checks that the Debian packages pgfault needs are installed. As root it
+# installs the missing ones with apt-get; as anyone else it prints the exact
+# command to run and fails. Called first by every make target, so it must be
+# quick when nothing is missing (one dpkg-query call).
+#
+# Usage: tools/deps.sh [check|install] [extra packages...]
+set -u
+mode=${1:-install}
+shift || true
+pkgs=(gcc make pkg-config libpq-dev libcmocka-dev lcov postgresql-15 postgresql-client-15 "$@")
+
+missing=()
+for p in "${pkgs[@]}"; do
+    st=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)
+    [ "$st" = installed ] || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+cmd="apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing[*]}"
+if [ "$mode" = check ] || [ "$(id -u)" != 0 ]; then
+    echo "deps: missing packages: ${missing[*]}" >&2
+    echo "deps: install them with (as root):" >&2
+    echo "    $cmd" >&2
+    exit 1
+fi
+echo "deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >&2 || { echo "deps: apt-get update failed" >&2; exit 1; }
+# The Debian postgresql-common postinst creates and starts a default cluster;
+# pgfault never uses it, so tell it not to create one.
+if printf '%s\n' "${missing[@]}" | grep -q '^postgresql'; then
+    mkdir -p /etc/postgresql-common
+    f=/etc/postgresql-common/createcluster.conf
+    [ -f "$f" ] && grep -q '^create_main_cluster' "$f" || echo 'create_main_cluster = false' >>"$f"
+fi
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 ||
+    { echo "deps: apt-get install ${missing[*]} failed" >&2; exit 1; }
+exit 0
