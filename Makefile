@@ -13,6 +13,7 @@
 .DEFAULT_GOAL := all
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
+.SECONDARY:
 
 comma := ,
 CC ?= gcc

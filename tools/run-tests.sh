@@ -6,6 +6,8 @@
 #
 # Usage: tools/run-tests.sh BINARY...
 set -u
+# An empty filter would match no test: treat it as no filter.
+[ -z "${T:-}" ] && unset T
 passed=0 failed=0 bad=()
 for bin in "$@"; do
     name=$(basename "$bin")
