@@ -40,7 +40,7 @@ struct parser {
     int nnames;
 };
 
-enum { NAME_CONN, NAME_BACKGROUND, NAME_WORKERS };
+enum { NAME_CONN, NAME_BACKGROUND, NAME_WORKERS, NAME_QUEUE, NAME_QUEUE_DONE };
 
 static const char *const step_words[SCN_STEP__COUNT] = {
     [SCN_STEP_ACQUIRE] = "acquire",   [SCN_STEP_WAIT] = "wait",
@@ -50,6 +50,7 @@ static const char *const step_words[SCN_STEP__COUNT] = {
     [SCN_STEP_FAULT] = "fault",       [SCN_STEP_HEAL] = "heal",
     [SCN_STEP_PASSWORD] = "password", [SCN_STEP_CLOSE] = "close",
     [SCN_STEP_EXPECT] = "expect",     [SCN_STEP_EVENTUALLY] = "eventually",
+    [SCN_STEP_QUEUE] = "queue",
 };
 
 static const char *const fault_words[SCN_FAULT__COUNT] = {
@@ -379,10 +380,10 @@ static int use_conn(struct parser *p, const struct token *t, char *out)
     if (parse_name(p, t, out) < 0)
         return -1;
     int i = find_name(p, out);
-    if (i < 0 || p->name_kind[i] == NAME_WORKERS) {
+    if (i < 0 || p->name_kind[i] >= NAME_WORKERS) {
         const char *cands[MAX_NAMES];
         for (int k = 0; k < p->nnames; k++)
-            cands[k] = p->name_kind[k] == NAME_WORKERS ? NULL : p->names[k];
+            cands[k] = p->name_kind[k] >= NAME_WORKERS ? NULL : p->names[k];
         char h[96];
         return fail_at(p, t->col, "no connection named '%s' was acquired before this line%s", out,
                        hint(h, sizeof h, out, cands, (size_t)p->nnames));
@@ -394,9 +395,10 @@ static int declare(struct parser *p, const struct token *t, const char *name, in
 {
     int i = find_name(p, name);
     if (i >= 0) {
-        if (p->name_kind[i] != kind && (p->name_kind[i] == NAME_WORKERS || kind == NAME_WORKERS))
+        if (p->name_kind[i] != kind && (p->name_kind[i] >= NAME_WORKERS || kind >= NAME_WORKERS))
             return fail_at(p, t->col, "'%s' already names a %s", name,
-                           p->name_kind[i] == NAME_WORKERS ? "worker group" : "connection");
+                           p->name_kind[i] >= NAME_WORKERS ? "worker group or queue"
+                                                           : "connection");
         p->name_kind[i] = kind; /* re-acquiring a name is fine */
         return 0;
     }
@@ -788,24 +790,19 @@ static int parse_cond(struct parser *p, struct token *tok, int n, int i, struct 
                        m);
     char src[SCN_NAME_MAX];
     snprintf(src, sizeof src, "%.*s", (int)(dot - m), m);
-    static const char *const sources[] = {"pool", "server", "fake", "proxy"};
+    static const char *const sources[] = {"pool", "server", "libpq", "proxy"};
     int k = word_index(src, sources, 4);
     if (k < 0 && find_name(p, src) < 0) {
         char h[64];
         return fail_at(p, tok[i].col,
-                       "unknown metric source '%s'%s (pool, server, fake, proxy, or a name "
-                       "declared by acquire or workers)",
+                       "unknown metric source '%s'%s (pool, server, libpq, proxy, or a name "
+                       "declared by acquire, workers or queue)",
                        src, hint(h, sizeof h, src, sources, 4));
     }
-    if (k == 2 && p->scn->backends != SCN_BACKEND_FAKE)
-        return fail_at(p, tok[i].col,
-                       "'%s' exists only on the fake backend; this scenario also runs on proxy "
-                       "(use server.* or add 'backends fake')",
-                       m);
     if (k == 3 && p->scn->backends != SCN_BACKEND_PROXY)
         return fail_at(p, tok[i].col,
-                       "'%s' exists only on the proxy backend; this scenario also runs on fake "
-                       "(use server.* or add 'backends proxy')",
+                       "'%s' needs the proxy backend, but this scenario also runs on fake "
+                       "(use server.* or libpq.*, or restrict it with 'backends proxy')",
                        m);
     strcpy(c->metric, m);
     int op = word_index(tok[i + 1].s, op_words, 6);
@@ -845,14 +842,45 @@ static int parse_step(struct parser *p, int kind, struct token *tok, int n, stru
         return declare(p, &tok[1], st->name, st->background ? NAME_BACKGROUND : NAME_CONN);
     case SCN_STEP_WAIT: {
         if (n < 2)
-            return fail_at(p, tok[0].col, "'wait' needs the name of a background acquire");
-        if (use_conn(p, &tok[1], st->name) < 0)
+            return fail_at(p, tok[0].col, "'wait' needs the name of a background acquire or queue");
+        if (parse_name(p, &tok[1], st->name) < 0)
             return -1;
-        if (p->name_kind[find_name(p, st->name)] != NAME_BACKGROUND)
-            return fail_at(p, tok[1].col, "'%s' was not acquired in the background", st->name);
-        p->name_kind[find_name(p, st->name)] = NAME_CONN;
+        int w = find_name(p, st->name);
+        if (w >= 0 && p->name_kind[w] == NAME_QUEUE) {
+            p->name_kind[w] = NAME_QUEUE_DONE;
+        } else {
+            if (use_conn(p, &tok[1], st->name) < 0)
+                return -1;
+            w = find_name(p, st->name);
+            if (p->name_kind[w] != NAME_BACKGROUND)
+                return fail_at(p, tok[1].col, "'%s' was not acquired in the background",
+                               st->name);
+            p->name_kind[w] = NAME_CONN;
+        }
         return parse_options(p, tok, n, 2, 4, st);
     }
+    case SCN_STEP_QUEUE:
+        /* queue NAME N [hold D] [timeout=D] */
+        if (n < 3)
+            return fail_at(p, tok[0].col, "usage: queue NAME N [hold D] [timeout=D]");
+        if (parse_name(p, &tok[1], st->name) < 0 || parse_int(p, &tok[2], 1, 256, &v) < 0)
+            return -1;
+        st->count = (int)v;
+        for (i = 3; i < n; i++) {
+            if (strcmp(tok[i].s, "hold") == 0 && i + 1 < n) {
+                if (parse_duration(p, &tok[++i], &st->hold_ms) < 0)
+                    return -1;
+            } else if (strncmp(tok[i].s, "timeout=", 8) == 0) {
+                struct token t = {tok[i].s + 8, tok[i].col + 8, 0};
+                if (parse_duration(p, &t, &st->timeout_ms) < 0)
+                    return -1;
+            } else {
+                return fail_at(p, tok[i].col, "unexpected '%s' (hold D, timeout=D)", tok[i].s);
+            }
+        }
+        if (find_name(p, st->name) >= 0)
+            return fail_at(p, tok[1].col, "'%s' is already used as a name", st->name);
+        return declare(p, &tok[1], st->name, NAME_QUEUE);
     case SCN_STEP_RELEASE:
     case SCN_STEP_DISCARD:
         if (n < 2)
@@ -1081,9 +1109,10 @@ int scn_parse_string(const char *path, const char *text, struct scn **out, char 
         goto fail;
     }
     for (int i = 0; i < p->nnames; i++) {
-        if (p->name_kind[i] == NAME_BACKGROUND) {
-            snprintf(err, errlen, "%s: background acquire '%s' is never waited for (add 'wait %s')",
-                     path, p->names[i], p->names[i]);
+        if (p->name_kind[i] == NAME_BACKGROUND || p->name_kind[i] == NAME_QUEUE) {
+            snprintf(err, errlen, "%s: %s '%s' is never waited for (add 'wait %s')", path,
+                     p->name_kind[i] == NAME_QUEUE ? "queue" : "background acquire",
+                     p->names[i], p->names[i]);
             goto fail;
         }
     }

@@ -18,6 +18,8 @@
  *   query     c1 "SQL" [expect ok|error [SQLSTATE]] [within D]
  *   hold      D                         maintain
  *   workers   w N for D [hold D] [timeout=D]
+ *   queue     q N [hold D] [timeout=D]  (N waiters queued in a known order)
+ *   wait      q [within D]              (joins the queue's waiters)
  *   fault     KIND ARGS...              heal
  *   password  NEW                       (what the pool's password callback returns)
  *   close                               (pqpool_close)
@@ -103,9 +105,14 @@ struct scn_fault {
 enum scn_op { SCN_OP_EQ, SCN_OP_NE, SCN_OP_LT, SCN_OP_LE, SCN_OP_GT, SCN_OP_GE };
 
 /* A condition on a metric: "pool.idle == 2", "server.backends <= 4",
- * "c1.elapsed < 300ms", "w.timeout == 0". The metric is a dotted name
- * resolved by the runner; the parser checks that the first part is a
- * known source (pool, server, fake, proxy) or a declared name. */
+ * "libpq.connect_attempts == 1", "w.timeout == 0". The metric is a dotted
+ * name resolved by the runner; the parser checks that the first part is a
+ * known source or a declared name:
+ *   pool.*    the pool's own statistics (via the driver)
+ *   server.*  the server behind the pool (simulated or real)
+ *   libpq.*   what the pool did through libpq, counted by fakepq (both backends)
+ *   proxy.*   the fault proxy's counters (proxy backend only)
+ *   NAME.*    a connection, worker group or queue declared earlier */
 struct scn_cond {
     char metric[SCN_NAME_MAX];
     enum scn_op op;
@@ -127,6 +134,7 @@ enum scn_step_kind {
     SCN_STEP_CLOSE,
     SCN_STEP_EXPECT,
     SCN_STEP_EVENTUALLY,
+    SCN_STEP_QUEUE,
     SCN_STEP__COUNT
 };
 
@@ -144,8 +152,8 @@ struct scn_step {
     int again;               /* release ... again (a deliberate double release) */
     char *sql;               /* query (owned) */
     int duration_ms;         /* hold D; workers for D; eventually within D */
-    int count;               /* workers N */
-    int hold_ms;             /* workers hold D */
+    int count;               /* workers N, queue N */
+    int hold_ms;             /* workers/queue hold D */
     struct scn_fault fault;
     struct scn_cond cond;
 };

@@ -33,7 +33,10 @@ static const char valid[] =
     "fault      call PQexec 57P01 nth=3\n"
     "fault      connect auth count=all\n"
     "workers    w 4 for 200ms hold 5ms timeout=100ms\n"
-    "expect     w.timeout == 0\n";
+    "expect     w.timeout == 0\n"
+    "queue      q 3 hold 1ms timeout=2s\n"
+    "wait       q within 1s\n"
+    "expect     q.in_order == 1\n";
 
 static struct scn *parse_ok(const char *path, const char *text)
 {
@@ -68,7 +71,11 @@ static void test_valid_scenario_parses(void **state)
     assert_int_equal(s->npool, 4);
     assert_string_equal(s->pool[3].key, "init_sql");
     assert_string_equal(s->pool[3].value, "SET x = 1");
-    assert_int_equal(s->nsteps, 12);
+    assert_int_equal(s->nsteps, 15);
+    assert_int_equal(s->steps[12].kind, SCN_STEP_QUEUE);
+    assert_int_equal(s->steps[12].count, 3);
+    assert_int_equal(s->steps[12].timeout_ms, 2000);
+    assert_int_equal(s->steps[13].kind, SCN_STEP_WAIT);
 
     assert_int_equal(s->steps[0].kind, SCN_STEP_EVENTUALLY);
     assert_string_equal(s->steps[0].cond.metric, "pool.idle");
@@ -139,8 +146,8 @@ static void test_backend_mismatch_names_both(void **state)
 {
     parse_bad("backends fake proxy\nacquire c1\nfault inject 57P01 idle\n",
               "scenarios/t/x.scn:3:7: ", "needs the proxy backend, but this scenario also runs on fake");
-    parse_bad("backends proxy\nexpect fake.live_conns == 0\n", "scenarios/t/x.scn:2:8: ",
-              "only on the fake backend");
+    parse_bad("expect proxy.accepted == 1\n", "scenarios/t/x.scn:1:8: ",
+              "needs the proxy backend, but this scenario also runs on fake");
     struct scn *s = parse_ok("scenarios/t/x.scn", "backends proxy\nfault inject 57P01 idle\n");
     assert_int_equal(s->backends, SCN_BACKEND_PROXY);
     scn_free(s);
@@ -171,6 +178,8 @@ static void test_background_must_be_waited(void **state)
 {
     parse_bad("acquire c1 background\n", "scenarios/t/x.scn: ", "never waited for");
     parse_bad("acquire c1\nwait c1\n", "scenarios/t/x.scn:2:6: ", "not acquired in the background");
+    parse_bad("queue q 2\n", "scenarios/t/x.scn: ", "queue 'q' is never waited for");
+    parse_bad("queue q 2\nwait q\nrelease q\n", "scenarios/t/x.scn:3:9: ", "no connection named 'q'");
 }
 
 static void test_bad_values(void **state)
