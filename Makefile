@@ -58,6 +58,7 @@ HARNESS_OBJS := $(call obj,$(HARNESS_SRCS))
 TEST_SUPPORT_OBJS := $(call obj,$(TEST_SUPPORT_SRCS))
 TEST_BINS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRCS))
 
+LIBPGFAULT_A := $(BUILD)/libpgfault-internal.a
 LIBPQPOOL_A := $(BUILD)/libpqpool.a
 LIBPQPOOL_SO := $(BUILD)/libpqpool.so
 PGFAULT := $(BUILD)/pgfault
@@ -100,10 +101,16 @@ $(PQPOOL_PC): Makefile
 	  'Requires.private: libpq' 'Libs: -L$${libdir} -lpqpool' 'Libs.private: -pthread' \
 	  'Cflags: -I$${includedir}' >$@
 
-$(PGFAULT): $(call obj,harness/main.c) $(HARNESS_OBJS) $(POOL_OBJS) $(FAKE_OBJS)
+# Binaries link against one archive of all modules, so each pulls in only
+# the objects it uses (a parser test does not need a server or the pool).
+$(LIBPGFAULT_A): $(HARNESS_OBJS) $(POOL_OBJS) $(FAKE_OBJS)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+$(PGFAULT): $(call obj,harness/main.c) $(LIBPGFAULT_A)
 	$(CC) $(LDFLAGS_ALL) -o $@ $^ $(HARNESS_LIBS)
 
-$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_SUPPORT_OBJS) $(HARNESS_OBJS) $(POOL_OBJS) $(FAKE_OBJS)
+$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_SUPPORT_OBJS) $(LIBPGFAULT_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS_ALL) -o $@ $^ -lcmocka $(HARNESS_LIBS)
 

@@ -1,0 +1,37 @@
+/*
+ * report: writes a run's verdicts in the formats CI systems and people
+ * read (report_*): JUnit XML (GitLab, Jenkins and the GitHub report
+ * actions read it), TAP 14, and a Markdown summary.
+ *
+ * Each writer takes the cases in the order the runner ran them and returns
+ * 0, or -1 with "what: why" in err (the file could not be written).
+ */
+#ifndef PGFAULT_REPORT_H
+#define PGFAULT_REPORT_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+#include "runner.h"
+
+#define REPORT_MUSTCHECK __attribute__((warn_unused_result))
+
+/* One <testsuite name="pgfault"> with a <testcase> per scenario x backend:
+ * classname the scenario family, name "name [backend]", time in seconds;
+ * failures carry the message and the trace as text. */
+int report_junit(const char *path, const struct runner_case *cases, size_t n, double total_ms,
+                 char *err, size_t errlen) REPORT_MUSTCHECK;
+
+/* TAP version 14 to out: a plan, one test point per case, YAML diagnostics
+ * (message, line, duration) for failures. */
+void report_tap(FILE *out, const struct runner_case *cases, size_t n);
+
+/* A Markdown summary: totals, then a table of cases with failures first. */
+int report_summary_md(const char *path, const struct runner_case *cases, size_t n,
+                      double total_ms, char *err, size_t errlen) REPORT_MUSTCHECK;
+
+/* Escapes text for XML character data and attributes into a new string
+ * (caller frees); control characters XML 1.0 forbids are dropped. */
+char *report_xml_escape(const char *text);
+
+#endif

@@ -1,0 +1,622 @@
+/*
+ * runner: finds scenarios, runs each scenario x backend in a forked child
+ * under a watchdog, and hands the verdicts to the reporters.
+ *
+ * Isolation by fork is the point: a pool that crashes or deadlocks takes
+ * down one child, and the parent reports which step it was on. The parent
+ * never opens a pool or a server itself; children own theirs, and the
+ * throwaway servers' reaper processes clean up after a child that was
+ * killed.
+ */
+#include "runner.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <fnmatch.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "driver.h"
+#include "report.h"
+#include "steps.h"
+
+struct plan {
+    struct scn **scns;
+    size_t nscns;
+    char **files;
+    size_t nfiles;
+};
+
+struct job {
+    pid_t pid;
+    size_t index; /* into cases */
+    double started_ms;
+    const struct scn *scn;
+};
+
+/* The children in flight, for the signal handler. */
+static volatile sig_atomic_t stop_requested;
+static pid_t live_pids[64];
+
+const char *runner_status_name(enum runner_status s)
+{
+    switch (s) {
+    case RUNNER_PASS:
+        return "PASS";
+    case RUNNER_FAIL:
+        return "FAIL";
+    case RUNNER_CRASH:
+        return "CRASH";
+    case RUNNER_HANG:
+        return "HANG";
+    case RUNNER_ERROR:
+        return "ERROR";
+    }
+    return "?";
+}
+
+static int add_file(struct plan *p, const char *path)
+{
+    char **f = realloc(p->files, (p->nfiles + 1) * sizeof *f);
+    if (!f)
+        return -1;
+    p->files = f;
+    p->files[p->nfiles] = strdup(path);
+    if (!p->files[p->nfiles])
+        return -1;
+    p->nfiles++;
+    return 0;
+}
+
+/* Adds every *.scn below dir, depth first. */
+static int walk(struct plan *p, const char *dir)
+{
+    struct dirent **ents = NULL;
+    int n = scandir(dir, &ents, NULL, alphasort);
+    if (n < 0) {
+        fprintf(stderr, "pgfault: %s: %s\n", dir, strerror(errno));
+        return -1;
+    }
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        const char *nm = ents[i]->d_name;
+        char path[1024];
+        struct stat st;
+        if (nm[0] == '.' || rc < 0)
+            goto next;
+        snprintf(path, sizeof path, "%s/%s", dir, nm);
+        if (stat(path, &st) < 0)
+            goto next;
+        if (S_ISDIR(st.st_mode))
+            rc = walk(p, path);
+        else if (strlen(nm) > 4 && strcmp(nm + strlen(nm) - 4, ".scn") == 0)
+            rc = add_file(p, path);
+    next:
+        free(ents[i]);
+    }
+    free(ents);
+    return rc;
+}
+
+static void plan_free(struct plan *p)
+{
+    for (size_t i = 0; i < p->nscns; i++)
+        scn_free(p->scns[i]);
+    for (size_t i = 0; i < p->nfiles; i++)
+        free(p->files[i]);
+    free(p->scns);
+    free(p->files);
+}
+
+/* Finds and parses every scenario; on any error prints all of them and
+ * returns -1, because a gate must not pass with a scenario it could not
+ * read. */
+static int load(const struct runner_options *o, const struct driver_ops *drv, struct plan *p)
+{
+    static const char *const default_path[] = {"scenarios"};
+    const char *const *paths = o->npaths ? o->paths : default_path;
+    size_t npaths = o->npaths ? o->npaths : 1;
+    for (size_t i = 0; i < npaths; i++) {
+        struct stat st;
+        if (stat(paths[i], &st) < 0) {
+            fprintf(stderr, "pgfault: %s: %s\n", paths[i], strerror(errno));
+            return -1;
+        }
+        if (S_ISDIR(st.st_mode) ? walk(p, paths[i]) < 0 : add_file(p, paths[i]) < 0)
+            return -1;
+    }
+    if (p->nfiles == 0) {
+        fprintf(stderr, "pgfault: no scenario files (*.scn) found\n");
+        return -1;
+    }
+    p->scns = calloc(p->nfiles, sizeof *p->scns);
+    if (!p->scns)
+        return -1;
+    int bad = 0;
+    for (size_t i = 0; i < p->nfiles; i++) {
+        char err[1024];
+        struct scn *s = NULL;
+        if (scn_parse_file(p->files[i], &s, err, sizeof err) < 0) {
+            fprintf(stderr, "%s\n", err);
+            bad++;
+            continue;
+        }
+        for (size_t k = 0; k < s->npool; k++) {
+            char e[512];
+            if (drv->check_setting(s->pool[k].key, s->pool[k].value, e, sizeof e) < 0) {
+                fprintf(stderr, "%s:%d:%d: %s\n", s->path, s->pool[k].line, s->pool[k].col, e);
+                bad++;
+            }
+        }
+        p->scns[p->nscns++] = s;
+    }
+    return bad ? -1 : 0;
+}
+
+int runner_list(const struct runner_options *o)
+{
+    struct plan p = {0};
+    const struct driver_ops *drv = driver_find(o->driver ? o->driver : "pqpool");
+    if (!drv) {
+        fprintf(stderr, "pgfault: unknown driver '%s'\n", o->driver);
+        return 2;
+    }
+    int rc = load(o, drv, &p) < 0 ? 2 : 0;
+    for (size_t i = 0; rc == 0 && i < p.nscns; i++) {
+        const struct scn *s = p.scns[i];
+        if (o->filter && fnmatch(o->filter, s->name, 0) != 0)
+            continue;
+        char be[32] = "";
+        if (s->backends & SCN_BACKEND_FAKE)
+            strcat(be, "fake");
+        if (s->backends & SCN_BACKEND_PROXY)
+            strcat(be, be[0] ? ",proxy" : "proxy");
+        printf("%-40s %-11s %.100s\n", s->name, be, s->description);
+    }
+    plan_free(&p);
+    return rc;
+}
+
+/* ---- Children ---------------------------------------------------------------- */
+
+static void on_signal(int sig)
+{
+    stop_requested = sig;
+    for (size_t i = 0; i < sizeof live_pids / sizeof live_pids[0]; i++)
+        if (live_pids[i] > 0)
+            kill(live_pids[i], SIGKILL);
+}
+
+static char *read_file(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return NULL;
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap);
+    size_t got;
+    while (buf && (got = fread(buf + len, 1, cap - len - 1, f)) > 0) {
+        len += got;
+        if (cap - len < 1024) {
+            char *nb = realloc(buf, cap *= 2);
+            if (!nb) {
+                free(buf);
+                buf = NULL;
+            }
+            buf = nb;
+        }
+    }
+    fclose(f);
+    if (buf)
+        buf[len] = '\0';
+    return buf;
+}
+
+/* A FILE that writes to the trace file and to stdout, for -v with one job:
+ * the developer watches the steps as they happen. */
+struct tee {
+    FILE *a, *b;
+};
+
+static ssize_t tee_write(void *cookie, const char *buf, size_t size)
+{
+    struct tee *t = cookie;
+    fwrite(buf, 1, size, t->a);
+    fwrite(buf, 1, size, t->b);
+    fflush(t->b);
+    return (ssize_t)size;
+}
+
+static int tee_close(void *cookie)
+{
+    struct tee *t = cookie;
+    return fclose(t->a);
+}
+
+static void child_main(const struct runner_options *o, const struct driver_ops *drv,
+                       const struct scn *s, enum scn_backend be, const char *trace_path,
+                       const char *result_path, int live)
+{
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    /* A pool must survive writes to dead sockets on its own (libpq uses
+     * MSG_NOSIGNAL); the runner does not mask SIGPIPE for it. */
+    FILE *tf = fopen(trace_path, "w");
+    if (!tf)
+        _exit(3);
+    FILE *trace = tf;
+    struct tee t = {tf, stdout};
+    if (live) {
+        cookie_io_functions_t io = {NULL, tee_write, NULL, tee_close};
+        FILE *tee = fopencookie(&t, "w", io);
+        if (tee)
+            trace = tee;
+    }
+    setvbuf(trace, NULL, _IOLBF, 0);
+    struct steps_options so = {s, be, drv, o->server_conninfo, o->seed, trace};
+    struct steps_result r;
+    int rc = steps_run(&so, &r);
+    fclose(trace);
+    FILE *rf = fopen(result_path, "w");
+    if (!rf)
+        _exit(3);
+    fprintf(rf, "%s\n%d\n%s\n", rc < 0 ? "ERROR" : r.passed ? "PASS" : "FAIL", r.line, r.message);
+    fclose(rf);
+    _exit(0);
+}
+
+/* The last step the trace shows ("line N ..."), for hang reports. */
+static void last_step(const char *trace, char *out, size_t len)
+{
+    out[0] = '\0';
+    if (!trace)
+        return;
+    const char *p = trace, *best = NULL;
+    while ((p = strstr(p, "  line ")) != NULL) {
+        best = p + 2;
+        p += 7;
+    }
+    if (best) {
+        const char *e = strchr(best, '\n');
+        snprintf(out, len, "%.*s", (int)(e ? e - best : (long)strlen(best)), best);
+    }
+}
+
+static void collect(const struct runner_options *o, struct runner_case *c, int wstatus,
+                    int hung, const char *trace_path, const char *result_path)
+{
+    c->trace = read_file(trace_path);
+    char *res = hung ? NULL : read_file(result_path);
+    if (res) {
+        char *l1 = strtok(res, "\n"), *l2 = strtok(NULL, "\n"), *l3 = strtok(NULL, "");
+        c->status = l1 && strcmp(l1, "PASS") == 0   ? RUNNER_PASS
+                    : l1 && strcmp(l1, "FAIL") == 0 ? RUNNER_FAIL
+                                                    : RUNNER_ERROR;
+        c->line = l2 ? atoi(l2) : 0;
+        snprintf(c->message, sizeof c->message, "%s", l3 ? l3 : "");
+        size_t ml = strlen(c->message);
+        while (ml && c->message[ml - 1] == '\n')
+            c->message[--ml] = '\0';
+        free(res);
+        return;
+    }
+    char step[300];
+    last_step(c->trace, step, sizeof step);
+    if (hung) {
+        c->status = RUNNER_HANG;
+        snprintf(c->message, sizeof c->message, "no verdict after %.1fs (watchdog); last step: %s",
+                 o->case_timeout_ms / 1000.0, step[0] ? step : "(setup)");
+    } else if (WIFSIGNALED(wstatus)) {
+        c->status = RUNNER_CRASH;
+        snprintf(c->message, sizeof c->message, "killed by signal %d (%s); last step: %s",
+                 WTERMSIG(wstatus), strsignal(WTERMSIG(wstatus)), step[0] ? step : "(setup)");
+    } else {
+        c->status = RUNNER_ERROR;
+        snprintf(c->message, sizeof c->message, "exited with status %d without a verdict",
+                 WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : -1);
+    }
+}
+
+static void print_live(const struct runner_options *o, const struct runner_case *c)
+{
+    if (o->tap)
+        return;
+    printf("%-5s %-44s %-5s %7.2fs\n", runner_status_name(c->status), c->name,
+           scn_backend_name(c->backend), c->duration_ms / 1000.0);
+    if (c->status != RUNNER_PASS) {
+        if (c->line > 0)
+            printf("      %s:%d: %s\n", c->path, c->line, c->message);
+        else
+            printf("      %s: %s\n", c->path, c->message);
+    }
+    if ((o->verbose && o->jobs > 1) || (c->status != RUNNER_PASS && !o->verbose)) {
+        /* Failures always come with their trace (the pool's events are in
+         * it); with -v and one job it was already shown live. */
+        if (c->trace)
+            printf("%s", c->trace);
+        printf("\n");
+    }
+    fflush(stdout);
+}
+
+static int mkdir_p(const char *path)
+{
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p == '/') {
+            *p = '\0';
+            if (mkdir(buf, 0755) < 0 && errno != EEXIST)
+                return -1;
+            *p = '/';
+        }
+    }
+    return mkdir(buf, 0755) < 0 && errno != EEXIST ? -1 : 0;
+}
+
+static void save_trace(const struct runner_options *o, struct runner_case *c)
+{
+    char dir[700], name[160];
+    snprintf(dir, sizeof dir, "%s/traces", o->reports_dir);
+    snprintf(name, sizeof name, "%s", c->name);
+    for (char *p = name; *p; p++)
+        if (*p == '/')
+            *p = '-';
+    snprintf(c->trace_file, sizeof c->trace_file, "traces/%s.%s.txt", name,
+             scn_backend_name(c->backend));
+    char path[1400];
+    snprintf(path, sizeof path, "%s/%s", o->reports_dir, c->trace_file);
+    if (mkdir_p(dir) < 0)
+        return;
+    FILE *f = fopen(path, "w");
+    if (!f)
+        return;
+    fprintf(f, "%s [%s]: %s\n", c->name, scn_backend_name(c->backend),
+            runner_status_name(c->status));
+    if (c->status != RUNNER_PASS)
+        fprintf(f, "%s:%d: %s\n", c->path, c->line, c->message);
+    fprintf(f, "\n%s", c->trace ? c->trace : "");
+    fclose(f);
+}
+
+static double now_ms(void)
+{
+    return steps_now_ms();
+}
+
+int runner_run(const struct runner_options *o)
+{
+    struct plan p = {0};
+    struct runner_case *cases = NULL;
+    struct job *jobs = NULL;
+    size_t ncases = 0;
+    int exit_code = 2;
+    char tmpdir[] = "/tmp/pgfault-run-XXXXXX";
+    int have_tmp = 0;
+    const struct driver_ops *drv = driver_find(o->driver ? o->driver : "pqpool");
+    if (!drv) {
+        fprintf(stderr, "pgfault: unknown driver '%s'\n", o->driver);
+        return 2;
+    }
+    if (load(o, drv, &p) < 0)
+        goto out;
+
+    /* Expand scenarios into cases, then filter and shard. */
+    size_t total = 0;
+    cases = calloc(p.nscns * 2 + 1, sizeof *cases);
+    if (!cases)
+        goto out;
+    for (size_t i = 0; i < p.nscns; i++) {
+        const struct scn *s = p.scns[i];
+        if (o->filter && fnmatch(o->filter, s->name, 0) != 0)
+            continue;
+        for (int b = 0; b < 2; b++) {
+            enum scn_backend be = b == 0 ? SCN_BACKEND_FAKE : SCN_BACKEND_PROXY;
+            if (!(s->backends & be) || !(o->backends & be))
+                continue;
+            size_t idx = total++;
+            if (o->shard_n > 0 && (int)(idx % (size_t)o->shard_n) != o->shard_k - 1)
+                continue;
+            struct runner_case *c = &cases[ncases++];
+            snprintf(c->name, sizeof c->name, "%s", s->name);
+            snprintf(c->path, sizeof c->path, "%s", s->path);
+            snprintf(c->description, sizeof c->description, "%s", s->description);
+            c->backend = be;
+            c->status = RUNNER_ERROR;
+        }
+    }
+    if (ncases == 0) {
+        fprintf(stderr, "pgfault: no scenario matches the selection (filter '%s', %zu found)\n",
+                o->filter ? o->filter : "*", p.nscns);
+        goto out;
+    }
+    /* The scenario of each case, looked up once. */
+    const struct scn **case_scn = calloc(ncases, sizeof *case_scn);
+    if (!case_scn)
+        goto out;
+    for (size_t i = 0; i < ncases; i++)
+        for (size_t k = 0; k < p.nscns; k++)
+            if (strcmp(p.scns[k]->path, cases[i].path) == 0)
+                case_scn[i] = p.scns[k];
+
+    if (!mkdtemp(tmpdir)) {
+        fprintf(stderr, "pgfault: mkdtemp %s: %s\n", tmpdir, strerror(errno));
+        free(case_scn);
+        goto out;
+    }
+    have_tmp = 1;
+    if (mkdir_p(o->reports_dir) < 0) {
+        fprintf(stderr, "pgfault: cannot create %s: %s\n", o->reports_dir, strerror(errno));
+        free(case_scn);
+        goto out;
+    }
+
+    struct sigaction sa = {0};
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+
+    int njobs = o->jobs < 1 ? 1 : o->jobs > 64 ? 64 : o->jobs;
+    jobs = calloc((size_t)njobs, sizeof *jobs);
+    if (!jobs) {
+        free(case_scn);
+        goto out;
+    }
+    if (o->tap)
+        printf("TAP version 14\n1..%zu\n", ncases);
+    double t_start = now_ms();
+    size_t next = 0, done = 0;
+    int live = o->verbose && njobs == 1 && !o->tap;
+    fflush(stdout);
+    while (done < ncases && !stop_requested) {
+        /* Start cases while there are free job slots. */
+        for (int j = 0; j < njobs && next < ncases; j++) {
+            if (jobs[j].pid)
+                continue;
+            char tp[256], rp[256];
+            snprintf(tp, sizeof tp, "%s/%zu.trace", tmpdir, next);
+            snprintf(rp, sizeof rp, "%s/%zu.result", tmpdir, next);
+            if (live)
+                printf("==> %s [%s]\n", cases[next].name, scn_backend_name(cases[next].backend));
+            fflush(stdout);
+            fflush(stderr);
+            pid_t pid = fork();
+            if (pid < 0) {
+                fprintf(stderr, "pgfault: fork: %s\n", strerror(errno));
+                stop_requested = SIGTERM;
+                break;
+            }
+            if (pid == 0)
+                child_main(o, drv, case_scn[next], cases[next].backend, tp, rp, live);
+            jobs[j] = (struct job){pid, next, now_ms(), case_scn[next]};
+            live_pids[j] = pid;
+            next++;
+        }
+        /* Reap finished children; kill the ones past their watchdog. */
+        int any = 0;
+        for (int j = 0; j < njobs; j++) {
+            if (!jobs[j].pid)
+                continue;
+            int ws = 0, hung = 0;
+            pid_t r = waitpid(jobs[j].pid, &ws, WNOHANG);
+            if (r == 0 && now_ms() - jobs[j].started_ms > o->case_timeout_ms) {
+                kill(jobs[j].pid, SIGKILL);
+                waitpid(jobs[j].pid, &ws, 0);
+                hung = 1;
+                r = jobs[j].pid;
+            }
+            if (r != jobs[j].pid)
+                continue;
+            any = 1;
+            struct runner_case *c = &cases[jobs[j].index];
+            c->duration_ms = now_ms() - jobs[j].started_ms;
+            char tp[256], rp[256];
+            snprintf(tp, sizeof tp, "%s/%zu.trace", tmpdir, jobs[j].index);
+            snprintf(rp, sizeof rp, "%s/%zu.result", tmpdir, jobs[j].index);
+            collect(o, c, ws, hung, tp, rp);
+            unlink(tp);
+            unlink(rp);
+            save_trace(o, c);
+            print_live(o, c);
+            if (o->tap) {
+                int ok = c->status == RUNNER_PASS;
+                printf("%s %zu - %s [%s]\n", ok ? "ok" : "not ok", done + 1, c->name,
+                       scn_backend_name(c->backend));
+                fflush(stdout);
+            }
+            jobs[j].pid = 0;
+            live_pids[j] = 0;
+            done++;
+        }
+        if (!any) {
+            struct timespec ts = {0, 5 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    free(case_scn);
+    double total_ms = now_ms() - t_start;
+
+    if (stop_requested) {
+        for (int j = 0; j < njobs; j++) {
+            if (jobs[j].pid) {
+                kill(jobs[j].pid, SIGKILL);
+                waitpid(jobs[j].pid, NULL, 0);
+            }
+        }
+        fprintf(stderr, "pgfault: interrupted by signal %d; %zu of %zu cases ran\n",
+                (int)stop_requested, done, ncases);
+        exit_code = 128 + (int)stop_requested;
+        goto out;
+    }
+
+    size_t failed = 0;
+    for (size_t i = 0; i < ncases; i++)
+        failed += cases[i].status != RUNNER_PASS;
+    char junit[1024], summary[1024], err[1200];
+    if (o->junit_path)
+        snprintf(junit, sizeof junit, "%s", o->junit_path);
+    else
+        snprintf(junit, sizeof junit, "%s/junit.xml", o->reports_dir);
+    snprintf(summary, sizeof summary, "%s/summary.md", o->reports_dir);
+    exit_code = failed ? 1 : 0;
+    if (report_junit(junit, cases, ncases, total_ms, err, sizeof err) < 0 ||
+        report_summary_md(summary, cases, ncases, total_ms, err, sizeof err) < 0) {
+        fprintf(stderr, "pgfault: writing reports: %s\n", err);
+        exit_code = 2;
+    }
+    if (o->tap) {
+        char tap[1024];
+        snprintf(tap, sizeof tap, "%s/results.tap", o->reports_dir);
+        FILE *tf = fopen(tap, "w");
+        if (tf) {
+            report_tap(tf, cases, ncases);
+            fclose(tf);
+        }
+        printf("# %zu passed, %zu failed in %.1fs\n", ncases - failed, failed, total_ms / 1000.0);
+    } else {
+        printf("\n");
+        if (failed) {
+            printf("Failed:\n");
+            for (size_t i = 0; i < ncases; i++)
+                if (cases[i].status != RUNNER_PASS)
+                    printf("  %-5s %s [%s]: %s\n", runner_status_name(cases[i].status),
+                           cases[i].name, scn_backend_name(cases[i].backend), cases[i].message);
+        }
+        printf("Reports: %s, %s, %s/traces/\n", junit, summary, o->reports_dir);
+        printf("run: %zu passed, %zu failed\n", ncases - failed, failed);
+        printf("pgfault: %s in %.1fs (%zu cases, %d job%s)\n", failed ? "FAILED" : "all passed",
+               total_ms / 1000.0, ncases, njobs, njobs > 1 ? "s" : "");
+    }
+out:
+    if (have_tmp) {
+        /* The per-case files were removed as cases finished; any left by an
+         * interrupted run go with the directory. */
+        DIR *d = opendir(tmpdir);
+        struct dirent *e;
+        while (d && (e = readdir(d)) != NULL) {
+            if (e->d_name[0] == '.')
+                continue;
+            char path[512];
+            snprintf(path, sizeof path, "%s/%s", tmpdir, e->d_name);
+            unlink(path);
+        }
+        if (d)
+            closedir(d);
+        rmdir(tmpdir);
+    }
+    for (size_t i = 0; i < ncases; i++)
+        free(cases[i].trace);
+    free(cases);
+    free(jobs);
+    plan_free(&p);
+    return exit_code;
+}

@@ -1,0 +1,826 @@
+/*
+ * steps: executes one scenario on one backend, inside the runner's child.
+ *
+ * Every step is timed with CLOCK_MONOTONIC and traced before and after it
+ * runs. Bounds in scenarios ("within", "not before", "eventually ...
+ * within") are absolute: the scenario author states the tolerance, and
+ * README documents the ones the catalogue uses. Conditions are waited for
+ * by polling with a deadline, never by sleeping a fixed time.
+ */
+#include "steps.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "fakepq.h"
+
+#define MAX_SLOTS 64
+#define MAX_GROUPS 16
+#define MAX_GROUP_THREADS 256
+#define QUERY_DEFAULT_DEADLINE_MS 10000
+#define POLL_INTERVAL_MS 2
+#define DRAIN_DEADLINE_MS 5000
+
+/* A named connection: the result of an acquire step. */
+struct slot {
+    char name[SCN_NAME_MAX];
+    PGconn *conn;  /* last connection it held (kept after release for "again") */
+    int held;      /* currently checked out */
+    enum driver_outcome outcome;
+    double elapsed_ms;
+    char err[256];
+    /* background acquires */
+    const struct scn_step *step;
+    pthread_t thread;
+    int running;
+    double started_ms;
+    struct ctx *ctx;
+};
+
+/* A worker group or a queue of waiters. */
+struct group {
+    char name[SCN_NAME_MAX];
+    int is_queue;
+    int nthreads;
+    pthread_t threads[MAX_GROUP_THREADS];
+    int started;
+    const struct scn_step *step;
+    struct ctx *ctx;
+    /* counted outcomes, guarded by ctx->lock */
+    long long outcomes[SCN_OUT__COUNT + 1];
+    long long acquires;
+    double max_wait_ms;
+    int served_seq[MAX_GROUP_THREADS]; /* queue: order in which each waiter was served */
+    int next_seq;
+    int joined;
+};
+
+struct group_arg {
+    struct group *g;
+    int index;
+};
+
+struct ctx {
+    const struct steps_options *o;
+    const struct driver_ops *drv;
+    struct driver_pool *pool;
+    struct backend *be;
+    FILE *trace;
+    double t0;
+    pthread_mutex_t lock; /* trace, password, group counters */
+    char password[256];
+    struct slot slots[MAX_SLOTS];
+    int nslots;
+    struct group groups[MAX_GROUPS];
+    int ngroups;
+    struct steps_result *r;
+    int pool_closed;
+};
+
+double steps_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+static void sleep_ms(double ms)
+{
+    if (ms <= 0)
+        return;
+    struct timespec ts = {(time_t)(ms / 1000), (long)((ms - (double)(long)(ms / 1000) * 1000) * 1e6)};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+/* One trace line: time since the start, a tag (a scenario line number,
+ * "event", "check"), then the text. */
+__attribute__((format(printf, 3, 4))) static void trace(struct ctx *c, const char *tag,
+                                                         const char *fmt, ...)
+{
+    char text[1200];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    pthread_mutex_lock(&c->lock);
+    fprintf(c->trace, "+%8.3fs  %-8s %s\n", (steps_now_ms() - c->t0) / 1000.0, tag, text);
+    fflush(c->trace);
+    pthread_mutex_unlock(&c->lock);
+}
+
+__attribute__((format(printf, 3, 4))) static int fail(struct ctx *c, int line, const char *fmt,
+                                                       ...)
+{
+    if (!c->r->passed)
+        return -1; /* keep the first failure */
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->r->message, sizeof c->r->message, fmt, ap);
+    va_end(ap);
+    c->r->passed = 0;
+    c->r->line = line;
+    trace(c, "FAIL", "%s", c->r->message);
+    return -1;
+}
+
+static struct slot *find_slot(struct ctx *c, const char *name)
+{
+    for (int i = 0; i < c->nslots; i++)
+        if (strcmp(c->slots[i].name, name) == 0)
+            return &c->slots[i];
+    return NULL;
+}
+
+static struct slot *get_slot(struct ctx *c, const char *name)
+{
+    struct slot *s = find_slot(c, name);
+    if (s || c->nslots == MAX_SLOTS)
+        return s;
+    s = &c->slots[c->nslots++];
+    memset(s, 0, sizeof *s);
+    snprintf(s->name, sizeof s->name, "%s", name);
+    s->ctx = c;
+    return s;
+}
+
+static struct group *find_group(struct ctx *c, const char *name)
+{
+    for (int i = 0; i < c->ngroups; i++)
+        if (strcmp(c->groups[i].name, name) == 0)
+            return &c->groups[i];
+    return NULL;
+}
+
+/* ---- Callbacks the driver calls ------------------------------------------ */
+
+static const char *password_cb(void *arg)
+{
+    struct ctx *c = arg;
+    /* Copied under the lock into a per-thread buffer, so a `password` step
+     * running at the same time never hands out a torn string. */
+    static __thread char copy[256];
+    pthread_mutex_lock(&c->lock);
+    snprintf(copy, sizeof copy, "%s", c->password);
+    pthread_mutex_unlock(&c->lock);
+    return copy;
+}
+
+static void event_cb(void *arg, const char *line)
+{
+    trace(arg, "event", "%s", line);
+}
+
+/* ---- Acquire ----------------------------------------------------------------- */
+
+static void do_acquire(struct slot *s, int timeout_ms)
+{
+    struct ctx *c = s->ctx;
+    PGconn *conn = NULL;
+    double t = steps_now_ms();
+    s->err[0] = '\0';
+    s->outcome = c->drv->acquire(c->pool, timeout_ms, &conn, s->err, sizeof s->err);
+    s->elapsed_ms = steps_now_ms() - t;
+    if (s->outcome == DRIVER_OK) {
+        s->conn = conn;
+        s->held = 1;
+    }
+}
+
+static const char *outcome_name(enum driver_outcome o)
+{
+    return o == DRIVER_OTHER ? "other error" : scn_outcome_name((enum scn_outcome)o);
+}
+
+/* Checks an acquire's outcome and timing against its step. */
+static int check_acquire(struct ctx *c, const struct scn_step *st, const struct slot *s)
+{
+    const char *detail = s->err[0] ? s->err : "";
+    trace(c, "", "%s: %s after %.1fms%s%s", s->name, outcome_name(s->outcome), s->elapsed_ms,
+          detail[0] ? ": " : "", detail);
+    if ((int)s->outcome != (int)st->expect)
+        return fail(c, st->line, "acquire %s: expected %s, got %s after %.1fms%s%s", s->name,
+                    scn_outcome_name(st->expect), outcome_name(s->outcome), s->elapsed_ms,
+                    detail[0] ? " -- " : "", detail);
+    if (st->within_ms >= 0 && s->elapsed_ms > st->within_ms)
+        return fail(c, st->line, "acquire %s: took %.1fms, bound is within %dms", s->name,
+                    s->elapsed_ms, st->within_ms);
+    if (st->not_before_ms >= 0 && s->elapsed_ms < st->not_before_ms)
+        return fail(c, st->line, "acquire %s: returned %s after %.1fms, earlier than %dms",
+                    s->name, outcome_name(s->outcome), s->elapsed_ms, st->not_before_ms);
+    return 0;
+}
+
+static void *background_acquire(void *arg)
+{
+    struct slot *s = arg;
+    do_acquire(s, s->step->timeout_ms);
+    trace(s->ctx, "", "background acquire %s finished: %s after %.1fms", s->name,
+          outcome_name(s->outcome), s->elapsed_ms);
+    return NULL;
+}
+
+static int step_acquire(struct ctx *c, const struct scn_step *st)
+{
+    struct slot *s = get_slot(c, st->name);
+    if (!s)
+        return fail(c, st->line, "too many connection names (at most %d)", MAX_SLOTS);
+    if (s->held)
+        return fail(c, st->line, "acquire %s: %s still holds a connection; release it first",
+                    st->name, st->name);
+    if (s->running)
+        return fail(c, st->line, "acquire %s: a background acquire of %s is still running",
+                    st->name, st->name);
+    s->step = st;
+    if (st->background) {
+        s->running = 1;
+        s->started_ms = steps_now_ms();
+        if (pthread_create(&s->thread, NULL, background_acquire, s) != 0) {
+            s->running = 0;
+            return fail(c, st->line, "acquire %s: cannot start a thread", st->name);
+        }
+        trace(c, "", "%s: acquiring in the background", st->name);
+        return 0;
+    }
+    do_acquire(s, st->timeout_ms);
+    return check_acquire(c, st, s);
+}
+
+/* ---- Worker groups and queues ----------------------------------------------- */
+
+static void group_count(struct group *g, enum driver_outcome o, double wait_ms)
+{
+    int idx = o == DRIVER_OTHER ? SCN_OUT__COUNT : (int)o;
+    pthread_mutex_lock(&g->ctx->lock);
+    g->outcomes[idx]++;
+    g->acquires++;
+    if (wait_ms > g->max_wait_ms)
+        g->max_wait_ms = wait_ms;
+    pthread_mutex_unlock(&g->ctx->lock);
+}
+
+static void *worker_main(void *arg)
+{
+    struct group_arg *ga = arg;
+    struct group *g = ga->g;
+    struct ctx *c = g->ctx;
+    double end = steps_now_ms() + g->step->duration_ms;
+    while (steps_now_ms() < end) {
+        PGconn *conn = NULL;
+        double t = steps_now_ms();
+        enum driver_outcome o = c->drv->acquire(c->pool, g->step->timeout_ms, &conn, NULL, 0);
+        group_count(g, o, steps_now_ms() - t);
+        if (o == DRIVER_OK) {
+            sleep_ms(g->step->hold_ms);
+            c->drv->release(c->pool, conn);
+        } else if (o == DRIVER_CLOSED) {
+            break;
+        } else {
+            sleep_ms(1); /* a failing pool must not turn a worker into a busy loop */
+        }
+    }
+    free(ga);
+    return NULL;
+}
+
+static void *queue_main(void *arg)
+{
+    struct group_arg *ga = arg;
+    struct group *g = ga->g;
+    struct ctx *c = g->ctx;
+    PGconn *conn = NULL;
+    double t = steps_now_ms();
+    enum driver_outcome o = c->drv->acquire(c->pool, g->step->timeout_ms, &conn, NULL, 0);
+    double waited = steps_now_ms() - t;
+    if (o == DRIVER_OK) {
+        pthread_mutex_lock(&c->lock);
+        g->served_seq[ga->index] = ++g->next_seq;
+        pthread_mutex_unlock(&c->lock);
+    }
+    group_count(g, o, waited);
+    trace(c, "", "%s[%d]: %s after %.1fms", g->name, ga->index, outcome_name(o), waited);
+    if (o == DRIVER_OK) {
+        sleep_ms(g->step->hold_ms);
+        c->drv->release(c->pool, conn);
+    }
+    free(ga);
+    return NULL;
+}
+
+static int metric_pool(struct ctx *c, const char *name, long long *v);
+
+static int step_group(struct ctx *c, const struct scn_step *st)
+{
+    struct group *g = find_group(c, st->name);
+    if (g && !g->joined)
+        return fail(c, st->line, "%s: the previous %s is still running", st->name, st->name);
+    if (!g) {
+        if (c->ngroups == MAX_GROUPS)
+            return fail(c, st->line, "too many worker groups (at most %d)", MAX_GROUPS);
+        g = &c->groups[c->ngroups++];
+    }
+    memset(g, 0, sizeof *g);
+    snprintf(g->name, sizeof g->name, "%s", st->name);
+    g->is_queue = st->kind == SCN_STEP_QUEUE;
+    g->step = st;
+    g->ctx = c;
+    g->nthreads = st->count;
+    for (int i = 0; i < st->count; i++) {
+        long long before = 0, now = 0;
+        if (g->is_queue && metric_pool(c, "waiting", &before) < 0)
+            return -1;
+        struct group_arg *ga = malloc(sizeof *ga);
+        if (!ga)
+            return fail(c, st->line, "out of memory");
+        ga->g = g;
+        ga->index = i;
+        if (pthread_create(&g->threads[i], NULL, g->is_queue ? queue_main : worker_main, ga)) {
+            free(ga);
+            g->started = i;
+            return fail(c, st->line, "%s: cannot start thread %d", st->name, i);
+        }
+        g->started = i + 1;
+        if (!g->is_queue)
+            continue;
+        /* A queue's order must be the order of arrival: start the next
+         * waiter only once this one is queued in the pool (or was served
+         * at once, or failed). */
+        double deadline = steps_now_ms() + 2000;
+        for (;;) {
+            if (metric_pool(c, "waiting", &now) < 0)
+                return -1;
+            pthread_mutex_lock(&c->lock);
+            long long done = g->acquires;
+            pthread_mutex_unlock(&c->lock);
+            if (now > before || done > i)
+                break;
+            if (steps_now_ms() > deadline)
+                return fail(c, st->line,
+                            "%s[%d] neither queued nor returned within 2s (pool.waiting = %lld)",
+                            st->name, i, now);
+            sleep_ms(0.5);
+        }
+    }
+    trace(c, "", "%s: %d %s started", st->name, st->count, g->is_queue ? "waiters" : "workers");
+    if (!g->is_queue) {
+        /* Workers run for a set time: join them now. */
+        for (int i = 0; i < g->started; i++)
+            pthread_join(g->threads[i], NULL);
+        g->joined = 1;
+        trace(c, "", "%s: %lld acquires: ok %lld, timeout %lld, connect %lld, auth %lld, "
+                     "closed %lld; longest wait %.1fms",
+              st->name, g->acquires, g->outcomes[SCN_OUT_OK], g->outcomes[SCN_OUT_TIMEOUT],
+              g->outcomes[SCN_OUT_CONNECT], g->outcomes[SCN_OUT_AUTH],
+              g->outcomes[SCN_OUT_CLOSED], g->max_wait_ms);
+    }
+    return 0;
+}
+
+static int join_group(struct ctx *c, const struct scn_step *st, struct group *g)
+{
+    double t = steps_now_ms();
+    double deadline = st && st->within_ms >= 0 ? t + st->within_ms : -1;
+    /* Threads cannot be cancelled safely mid-acquire, so wait for them
+     * all, and judge the bound on how long that took. */
+    for (int i = 0; i < g->started; i++)
+        pthread_join(g->threads[i], NULL);
+    g->joined = 1;
+    double took = steps_now_ms() - t;
+    trace(c, "", "%s: all %d waiters returned after %.1fms", g->name, g->started, took);
+    if (deadline >= 0 && steps_now_ms() > deadline)
+        return fail(c, st->line, "wait %s: waiters took %.1fms to return, bound is %dms",
+                    g->name, took, st->within_ms);
+    return 0;
+}
+
+static int step_wait(struct ctx *c, const struct scn_step *st)
+{
+    struct group *g = find_group(c, st->name);
+    if (g)
+        return join_group(c, st, g);
+    struct slot *s = find_slot(c, st->name);
+    if (!s || !s->running)
+        return fail(c, st->line, "wait %s: nothing is running under that name", st->name);
+    double t = steps_now_ms();
+    pthread_join(s->thread, NULL);
+    s->running = 0;
+    double took = steps_now_ms() - t;
+    if (st->within_ms >= 0 && took > st->within_ms)
+        return fail(c, st->line, "wait %s: the acquire returned %.1fms after the wait began, "
+                                 "bound is %dms",
+                    st->name, took, st->within_ms);
+    return check_acquire(c, s->step, s);
+}
+
+/* ---- Queries ------------------------------------------------------------------ */
+
+static int step_query(struct ctx *c, const struct scn_step *st)
+{
+    struct slot *s = find_slot(c, st->name);
+    if (!s || !s->held)
+        return fail(c, st->line, "query on %s: %s holds no connection", st->name, st->name);
+    PGconn *conn = s->conn;
+    double t0 = steps_now_ms();
+    double deadline = t0 + (st->within_ms >= 0 ? st->within_ms : QUERY_DEFAULT_DEADLINE_MS);
+    char sqlstate[6] = "";
+    char errmsg[512] = "";
+    int ok = 1, timed_out = 0;
+
+    if (!PQsendQuery(conn, st->sql)) {
+        ok = 0;
+        snprintf(errmsg, sizeof errmsg, "%s", PQerrorMessage(conn));
+    } else {
+        /* Drive the query asynchronously so a partition cannot hang the
+         * runner: wait for the socket with the step's deadline. */
+        for (;;) {
+            while (PQflush(conn) > 0 && steps_now_ms() < deadline) {
+                struct pollfd pw = {PQsocket(conn), POLLOUT, 0};
+                (void)poll(&pw, 1, 5);
+            }
+            if (!PQconsumeInput(conn)) {
+                ok = 0;
+                snprintf(errmsg, sizeof errmsg, "%s", PQerrorMessage(conn));
+            }
+            if (!PQisBusy(conn) || !ok)
+                break;
+            double left = deadline - steps_now_ms();
+            if (left <= 0) {
+                timed_out = 1;
+                break;
+            }
+            struct pollfd pfd = {PQsocket(conn), POLLIN, 0};
+            if (pfd.fd < 0) {
+                ok = 0;
+                snprintf(errmsg, sizeof errmsg, "%s", PQerrorMessage(conn));
+                break;
+            }
+            (void)poll(&pfd, 1, left > 50 ? 50 : (int)left + 1);
+        }
+        if (!timed_out) {
+            PGresult *res;
+            while ((res = PQgetResult(conn)) != NULL) {
+                ExecStatusType rs = PQresultStatus(res);
+                if (c->drv->note_result)
+                    c->drv->note_result(c->pool, conn, res);
+                if (rs == PGRES_FATAL_ERROR || rs == PGRES_BAD_RESPONSE ||
+                    rs == PGRES_NONFATAL_ERROR) {
+                    ok = 0;
+                    const char *ss = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+                    snprintf(sqlstate, sizeof sqlstate, "%s", ss ? ss : "");
+                    snprintf(errmsg, sizeof errmsg, "%s", PQresultErrorMessage(res));
+                }
+                PQclear(res);
+                if (PQstatus(conn) == CONNECTION_BAD)
+                    break;
+            }
+        }
+    }
+    double took = steps_now_ms() - t0;
+    size_t el = strlen(errmsg);
+    while (el && (errmsg[el - 1] == '\n' || errmsg[el - 1] == ' '))
+        errmsg[--el] = '\0';
+    if (timed_out) {
+        trace(c, "", "query on %s: no answer after %.1fms", st->name, took);
+        if (st->expect == SCN_OUT_OK || st->within_ms >= 0)
+            return fail(c, st->line, "query on %s: no answer within %.0fms", st->name,
+                        deadline - t0);
+        return 0;
+    }
+    trace(c, "", "query on %s: %s%s%s%s after %.1fms", st->name, ok ? "ok" : "error",
+          sqlstate[0] ? " " : "", sqlstate, ok ? "" : " -- ", took);
+    if (!ok && errmsg[0])
+        trace(c, "", "  %s", errmsg);
+    if (st->expect == SCN_OUT_OK && !ok)
+        return fail(c, st->line, "query on %s: expected ok, got error %s%s", st->name,
+                    sqlstate[0] ? sqlstate : "(no SQLSTATE)", errmsg[0] ? "" : "");
+    if (st->expect == SCN_OUT_ERROR && ok)
+        return fail(c, st->line, "query on %s: expected an error, got ok", st->name);
+    if (st->expect == SCN_OUT_ERROR && st->sqlstate[0] && strcmp(st->sqlstate, sqlstate) != 0)
+        return fail(c, st->line, "query on %s: expected error %s, got %s (%s)", st->name,
+                    st->sqlstate, sqlstate[0] ? sqlstate : "no SQLSTATE", errmsg);
+    return 0;
+}
+
+/* ---- Metrics ------------------------------------------------------------------ */
+
+static int metric_pool(struct ctx *c, const char *name, long long *v)
+{
+    if (c->drv->metric(c->pool, name, v) < 0)
+        return fail(c, 0, "the %s driver has no statistic '%s'", c->drv->name, name);
+    return 0;
+}
+
+/* Resolves "source.name"; returns 0, or -1 with msg. */
+static int resolve_metric(struct ctx *c, const char *metric, long long *v, char *msg,
+                          size_t msglen)
+{
+    const char *dot = strchr(metric, '.');
+    char src[SCN_NAME_MAX];
+    snprintf(src, sizeof src, "%.*s", (int)(dot - metric), metric);
+    const char *name = dot + 1;
+    if (strcmp(src, "pool") == 0) {
+        if (c->drv->metric(c->pool, name, v) < 0) {
+            snprintf(msg, msglen, "the %s driver has no statistic '%s'", c->drv->name, name);
+            return -1;
+        }
+        return 0;
+    }
+    if (strcmp(src, "server") == 0 || strcmp(src, "libpq") == 0 || strcmp(src, "proxy") == 0)
+        return backend_metric(c->be, src, name, v, msg, msglen);
+    struct group *g = find_group(c, src);
+    if (g) {
+        static const char *const words[] = {"ok", "timeout", "auth", "connect", "config", "closed"};
+        pthread_mutex_lock(&c->lock);
+        int found = 1;
+        if (strcmp(name, "acquires") == 0) {
+            *v = g->acquires;
+        } else if (strcmp(name, "max_wait") == 0) {
+            *v = (long long)(g->max_wait_ms + 0.999);
+        } else if (strcmp(name, "errors") == 0) {
+            *v = g->acquires - g->outcomes[SCN_OUT_OK];
+        } else if (strcmp(name, "in_order") == 0) {
+            /* Served in the order of arrival: the sequence numbers of the
+             * served waiters increase with their index. */
+            int last = 0, in_order = 1;
+            for (int i = 0; i < g->started; i++) {
+                if (!g->served_seq[i])
+                    continue;
+                if (g->served_seq[i] < last)
+                    in_order = 0;
+                last = g->served_seq[i];
+            }
+            *v = in_order;
+        } else {
+            found = 0;
+            for (int i = 0; i < 6; i++) {
+                if (strcmp(name, words[i]) == 0) {
+                    *v = g->outcomes[i];
+                    found = 1;
+                }
+            }
+        }
+        pthread_mutex_unlock(&c->lock);
+        if (!found)
+            snprintf(msg, msglen,
+                     "%s has no metric '%s' (ok, timeout, auth, connect, config, closed, errors, "
+                     "acquires, max_wait%s)",
+                     src, name, g->is_queue ? ", in_order" : "");
+        return found ? 0 : -1;
+    }
+    struct slot *s = find_slot(c, src);
+    if (s) {
+        if (strcmp(name, "elapsed") == 0)
+            *v = (long long)(s->elapsed_ms + 0.999);
+        else if (strcmp(name, "held") == 0)
+            *v = s->held;
+        else {
+            snprintf(msg, msglen, "%s has no metric '%s' (elapsed, held)", src, name);
+            return -1;
+        }
+        return 0;
+    }
+    snprintf(msg, msglen, "nothing named '%s' has run yet", src);
+    return -1;
+}
+
+static int step_cond(struct ctx *c, const struct scn_step *st)
+{
+    const struct scn_cond *cd = &st->cond;
+    char msg[512];
+    long long v = 0;
+    double t0 = steps_now_ms();
+    double deadline = t0 + (st->kind == SCN_STEP_EVENTUALLY ? st->duration_ms : 0);
+    for (;;) {
+        if (resolve_metric(c, cd->metric, &v, msg, sizeof msg) < 0)
+            return fail(c, st->line, "%s", msg);
+        if (scn_compare(v, cd->op, cd->value)) {
+            trace(c, "", "ok: %s = %lld%s", cd->metric, v,
+                  st->kind == SCN_STEP_EVENTUALLY ? "" : "");
+            if (st->kind == SCN_STEP_EVENTUALLY)
+                trace(c, "", "  (held after %.1fms)", steps_now_ms() - t0);
+            return 0;
+        }
+        if (steps_now_ms() >= deadline)
+            break;
+        sleep_ms(POLL_INTERVAL_MS);
+    }
+    if (st->kind == SCN_STEP_EVENTUALLY)
+        return fail(c, st->line, "eventually %s %s %lld within %dms: still %s = %lld", cd->metric,
+                    scn_op_name(cd->op), cd->value, st->duration_ms, cd->metric, v);
+    return fail(c, st->line, "expect %s %s %lld: %s = %lld", cd->metric, scn_op_name(cd->op),
+                cd->value, cd->metric, v);
+}
+
+/* ---- The run ------------------------------------------------------------------- */
+
+static int count_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (e->d_name[0] != '.')
+            n++;
+    closedir(d);
+    return n - 1; /* the directory stream's own fd */
+}
+
+static int run_step(struct ctx *c, const struct scn_step *st)
+{
+    char tag[16], msg[512] = "";
+    snprintf(tag, sizeof tag, "line %d", st->line);
+    trace(c, tag, "%s", st->text);
+    struct slot *s;
+    switch (st->kind) {
+    case SCN_STEP_ACQUIRE:
+        return step_acquire(c, st);
+    case SCN_STEP_WAIT:
+        return step_wait(c, st);
+    case SCN_STEP_RELEASE:
+    case SCN_STEP_DISCARD:
+        s = find_slot(c, st->name);
+        if (!s || (!s->held && !st->again))
+            return fail(c, st->line,
+                        "%s %s: %s holds no connection (write 'release %s again' to test a "
+                        "double release on purpose)",
+                        scn_step_name(st->kind), st->name, st->name, st->name);
+        if (st->kind == SCN_STEP_RELEASE)
+            c->drv->release(c->pool, s->conn);
+        else
+            c->drv->discard(c->pool, s->conn);
+        s->held = 0;
+        return 0;
+    case SCN_STEP_QUERY:
+        return step_query(c, st);
+    case SCN_STEP_HOLD:
+        sleep_ms(st->duration_ms);
+        return 0;
+    case SCN_STEP_MAINTAIN:
+        if (c->drv->maintain(c->pool) < 0)
+            trace(c, "", "maintain reported an error (see events)");
+        return 0;
+    case SCN_STEP_WORKERS:
+    case SCN_STEP_QUEUE:
+        return step_group(c, st);
+    case SCN_STEP_FAULT: {
+        PGconn *target = NULL;
+        if (st->fault.target == SCN_TARGET_CONN) {
+            s = find_slot(c, st->fault.name);
+            if (!s || !s->conn)
+                return fail(c, st->line, "fault on %s: %s never held a connection",
+                            st->fault.name, st->fault.name);
+            target = s->conn;
+        }
+        if (backend_fault(c->be, &st->fault, target, msg, sizeof msg) < 0)
+            return fail(c, st->line, "fault %s: %s", scn_fault_name(st->fault.kind), msg);
+        trace(c, "", "%s", msg);
+        return 0;
+    }
+    case SCN_STEP_HEAL:
+        if (backend_heal(c->be, msg, sizeof msg) < 0)
+            return fail(c, st->line, "heal: %s", msg);
+        trace(c, "", "%s", msg);
+        return 0;
+    case SCN_STEP_PASSWORD:
+        pthread_mutex_lock(&c->lock);
+        snprintf(c->password, sizeof c->password, "%s", st->sql);
+        pthread_mutex_unlock(&c->lock);
+        return 0;
+    case SCN_STEP_CLOSE:
+        c->drv->close(c->pool);
+        c->pool_closed = 1;
+        return 0;
+    case SCN_STEP_EXPECT:
+    case SCN_STEP_EVENTUALLY:
+        return step_cond(c, st);
+    case SCN_STEP__COUNT:
+        break;
+    }
+    return fail(c, st->line, "internal error: unknown step");
+}
+
+/* Implicit end-of-scenario checks, after the pool is closed and destroyed. */
+static void final_checks(struct ctx *c, int fds_before)
+{
+    char msg[512];
+    int leaks = fakepq_leaks(NULL);
+    if (leaks > 0) {
+        trace(c, "check", "leaks:");
+        pthread_mutex_lock(&c->lock);
+        (void)fakepq_leaks(c->trace);
+        fflush(c->trace);
+        pthread_mutex_unlock(&c->lock);
+        fail(c, 0, "the pool leaked %d PGconn/PGresult object(s) (see the trace)", leaks);
+    }
+    int fds_after = count_fds();
+    if (fds_before >= 0 && fds_after > fds_before)
+        fail(c, 0, "%d file descriptor(s) leaked (%d open before the pool, %d after it closed)",
+             fds_after - fds_before, fds_before, fds_after);
+    /* The server may need a moment to notice closed sockets: wait for the
+     * count with a deadline rather than checking once. */
+    long long backends = -1;
+    double deadline = steps_now_ms() + 5000;
+    for (;;) {
+        if (backend_metric(c->be, "server", "backends", &backends, msg, sizeof msg) < 0) {
+            fail(c, 0, "cannot count server backends: %s", msg);
+            break;
+        }
+        if (backends == 0 || steps_now_ms() > deadline)
+            break;
+        sleep_ms(10);
+    }
+    if (backends > 0)
+        fail(c, 0, "%lld server backend(s) still open 5s after the pool closed", backends);
+    else if (backends == 0)
+        trace(c, "check", "no leaks; server backends back to 0");
+}
+
+int steps_run(const struct steps_options *o, struct steps_result *r)
+{
+    struct ctx *c = calloc(1, sizeof *c);
+    char msg[512];
+    memset(r, 0, sizeof *r);
+    r->passed = 1;
+    if (!c) {
+        snprintf(r->message, sizeof r->message, "out of memory");
+        return -1;
+    }
+    c->o = o;
+    c->drv = o->driver;
+    c->trace = o->trace;
+    c->r = r;
+    c->t0 = steps_now_ms();
+    pthread_mutex_init(&c->lock, NULL);
+
+    struct backend_options bo = {o->backend, o->scn, o->server_conninfo, o->seed};
+    trace(c, "setup", "scenario %s on the %s backend, driver %s", o->scn->name,
+          scn_backend_name(o->backend), c->drv->name);
+    if (backend_open(&bo, &c->be, msg, sizeof msg) < 0) {
+        fail(c, 0, "backend setup: %s", msg);
+        goto out;
+    }
+    snprintf(c->password, sizeof c->password, "%s", backend_password(c->be));
+    int fds_before = count_fds();
+
+    struct driver_open_args a = {
+        .conninfo = backend_conninfo(c->be),
+        .settings = o->scn->pool,
+        .nsettings = o->scn->npool,
+        .password = password_cb,
+        .event = event_cb,
+        .ctx = c,
+    };
+    trace(c, "setup", "pool open: %s", a.conninfo);
+    if (c->drv->open(&a, &c->pool, msg, sizeof msg) < 0) {
+        fail(c, 0, "pool open: %s", msg);
+        goto out_backend;
+    }
+    trace(c, "setup", "ready in %.1fms", steps_now_ms() - c->t0);
+    c->t0 = steps_now_ms(); /* step times are relative to the first step */
+
+    for (size_t i = 0; i < o->scn->nsteps && r->passed; i++) {
+        const struct scn_step *st = &o->scn->steps[i];
+        if (run_step(c, st) < 0)
+            break;
+        if (c->drv->check_invariants(c->pool, msg, sizeof msg) < 0)
+            fail(c, st->line, "pool invariant broken after this step: %s", msg);
+    }
+
+    /* Wind down: join whatever still runs, close the pool, give back what
+     * is still held (the pool finishes it on release), then check. */
+    for (int i = 0; i < c->nslots; i++) {
+        if (c->slots[i].running) {
+            pthread_join(c->slots[i].thread, NULL);
+            c->slots[i].running = 0;
+        }
+    }
+    c->drv->close(c->pool);
+    for (int i = 0; i < c->ngroups; i++)
+        if (!c->groups[i].joined)
+            (void)join_group(c, NULL, &c->groups[i]);
+    for (int i = 0; i < c->nslots; i++)
+        if (c->slots[i].held)
+            c->drv->release(c->pool, c->slots[i].conn);
+    c->drv->destroy(c->pool);
+    c->pool = NULL;
+    trace(c, "check", "pool closed");
+    final_checks(c, fds_before);
+
+out_backend:
+    backend_close(c->be);
+out:
+    trace(c, r->passed ? "PASS" : "result", "%s", r->passed ? o->scn->name : "failed");
+    pthread_mutex_destroy(&c->lock);
+    free(c);
+    return 0;
+}
