@@ -581,8 +581,14 @@ static int resolve_metric(struct ctx *c, const char *metric, long long *v, char 
             *v = (long long)(s->elapsed_ms + 0.999);
         else if (strcmp(name, "held") == 0)
             *v = s->held;
-        else {
-            snprintf(msg, msglen, "%s has no metric '%s' (elapsed, held)", src, name);
+        else if (strcmp(name, "txstatus") == 0 && s->held)
+            /* PQTRANS_IDLE 0, ACTIVE 1, INTRANS 2, INERROR 3, UNKNOWN 4 */
+            *v = (long long)PQtransactionStatus(s->conn);
+        else if (strcmp(name, "txstatus") == 0) {
+            snprintf(msg, msglen, "%s.txstatus: %s holds no connection", src, src);
+            return -1;
+        } else {
+            snprintf(msg, msglen, "%s has no metric '%s' (elapsed, held, txstatus)", src, name);
             return -1;
         }
         return 0;
@@ -769,7 +775,12 @@ int steps_run(const struct steps_options *o, struct steps_result *r)
         fail(c, 0, "backend setup: %s", msg);
         goto out;
     }
+    /* The password callback starts with the server's password unless the
+     * pool line says otherwise (wrong-password scenarios). */
     snprintf(c->password, sizeof c->password, "%s", backend_password(c->be));
+    for (size_t i = 0; i < o->scn->npool; i++)
+        if (strcmp(o->scn->pool[i].key, "password") == 0)
+            snprintf(c->password, sizeof c->password, "%s", o->scn->pool[i].value);
     int fds_before = count_fds();
 
     struct driver_open_args a = {
