@@ -46,23 +46,6 @@ struct job {
 static volatile sig_atomic_t stop_requested;
 static pid_t live_pids[64];
 
-const char *runner_status_name(enum runner_status s)
-{
-    switch (s) {
-    case RUNNER_PASS:
-        return "PASS";
-    case RUNNER_FAIL:
-        return "FAIL";
-    case RUNNER_CRASH:
-        return "CRASH";
-    case RUNNER_HANG:
-        return "HANG";
-    case RUNNER_ERROR:
-        return "ERROR";
-    }
-    return "?";
-}
-
 static int add_file(struct plan *p, const char *path)
 {
     char **f = realloc(p->files, (p->nfiles + 1) * sizeof *f);

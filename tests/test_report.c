@@ -1,0 +1,111 @@
+/*
+ * Unit tests of the reporters: escaping, and that JUnit, TAP and the
+ * Markdown summary say what happened (counts, failure messages, order).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "report.h"
+
+static char *slurp(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    static char buf[65536];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    return buf;
+}
+
+static void fill(struct runner_case *c)
+{
+    memset(c, 0, 2 * sizeof *c);
+    snprintf(c[0].name, sizeof c[0].name, "auth/wrong-password");
+    snprintf(c[0].path, sizeof c[0].path, "scenarios/auth/wrong-password.scn");
+    c[0].backend = SCN_BACKEND_FAKE;
+    c[0].status = RUNNER_PASS;
+    c[0].duration_ms = 12.5;
+    snprintf(c[1].name, sizeof c[1].name, "idle-drop/x");
+    snprintf(c[1].path, sizeof c[1].path, "scenarios/idle-drop/x.scn");
+    c[1].backend = SCN_BACKEND_PROXY;
+    c[1].status = RUNNER_FAIL;
+    c[1].line = 7;
+    c[1].duration_ms = 300;
+    snprintf(c[1].message, sizeof c[1].message, "expect pool.idle == 2: pool.idle = 1 <&\">");
+    c[1].trace = "+ 0.001s line 7 | bad \x01 byte\n";
+}
+
+static void test_xml_escape(void **state)
+{
+    char *e = report_xml_escape("a<b>&\"c'\x01\td");
+    assert_string_equal(e, "a&lt;b&gt;&amp;&quot;c&apos;\td");
+    free(e);
+}
+
+static void test_junit_lists_every_case(void **state)
+{
+    struct runner_case c[2];
+    fill(c);
+    char path[] = "/tmp/pgfault-test-junit-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    char err[256];
+    assert_int_equal(report_junit(path, c, 2, 312.5, err, sizeof err), 0);
+    char *x = slurp(path);
+    unlink(path);
+    assert_non_null(strstr(x, "tests=\"2\" failures=\"1\""));
+    assert_non_null(strstr(x, "<testcase classname=\"auth\" name=\"wrong-password [fake]\""));
+    assert_non_null(strstr(x, "name=\"x [proxy]\""));
+    assert_non_null(strstr(x, "FAIL: line 7: expect pool.idle == 2: pool.idle = 1 &lt;&amp;&quot;&gt;"));
+    assert_null(strstr(x, "\x01"));
+    assert_int_equal(report_junit("/nonexistent/dir/j.xml", c, 2, 1, err, sizeof err), -1);
+    assert_non_null(strstr(err, "/nonexistent/dir/j.xml: "));
+}
+
+static void test_tap_and_summary(void **state)
+{
+    struct runner_case c[2];
+    fill(c);
+    char path[] = "/tmp/pgfault-test-tap-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    report_tap(f, c, 2);
+    fclose(f);
+    char *t = slurp(path);
+    assert_non_null(strstr(t, "TAP version 14\n1..2\nok 1 - auth/wrong-password [fake]\n"
+                              "not ok 2 - idle-drop/x [proxy]\n  ---\n"));
+    assert_non_null(strstr(t, "  line: 7\n"));
+    char err[256];
+    assert_int_equal(report_summary_md(path, c, 2, 1000, err, sizeof err), 0);
+    char *m = slurp(path);
+    unlink(path);
+    assert_non_null(strstr(m, "**FAILED**: 1 passed, 1 failed, 2 total"));
+    /* failures first */
+    char *fail_row = strstr(m, "| FAIL |"), *pass_row = strstr(m, "| PASS |");
+    assert_non_null(fail_row);
+    assert_non_null(pass_row);
+    assert_true(fail_row < pass_row);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_xml_escape),
+        cmocka_unit_test(test_junit_lists_every_case),
+        cmocka_unit_test(test_tap_and_summary),
+    };
+    if (getenv("T"))
+        cmocka_set_test_filter(getenv("T"));
+    return cmocka_run_group_tests_name("report", tests, NULL, NULL);
+}
