@@ -30,6 +30,13 @@ void report_tap(FILE *out, const struct runner_case *cases, size_t n);
 int report_summary_md(const char *path, const struct runner_case *cases, size_t n,
                       double total_ms, char *err, size_t errlen) REPORT_MUSTCHECK;
 
+/* A self-contained HTML page (no script, no network): one row per case,
+ * failures first, with status, duration, a link to its trace and an inline
+ * SVG timeline of acquires, queries, faults and the pool's events on the
+ * case's own time axis. */
+int report_html(const char *path, const struct runner_case *cases, size_t n, double total_ms,
+                char *err, size_t errlen) REPORT_MUSTCHECK;
+
 /* Escapes text for XML character data and attributes into a new string
  * (caller frees); control characters XML 1.0 forbids are dropped. */
 char *report_xml_escape(const char *text);

@@ -226,7 +226,7 @@ static int tee_close(void *cookie)
 
 static void child_main(const struct runner_options *o, const struct driver_ops *drv,
                        const struct scn *s, enum scn_backend be, const char *trace_path,
-                       const char *result_path, int live)
+                       const char *timeline_path, const char *result_path, int live)
 {
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
@@ -244,10 +244,13 @@ static void child_main(const struct runner_options *o, const struct driver_ops *
             trace = tee;
     }
     setvbuf(trace, NULL, _IOLBF, 0);
-    struct steps_options so = {s, be, drv, o->server_conninfo, o->seed, trace};
+    FILE *tl = fopen(timeline_path, "w");
+    struct steps_options so = {s, be, drv, o->server_conninfo, o->seed, trace, tl};
     struct steps_result r;
     int rc = steps_run(&so, &r);
     fclose(trace);
+    if (tl)
+        fclose(tl);
     FILE *rf = fopen(result_path, "w");
     if (!rf)
         _exit(3);
@@ -274,9 +277,11 @@ static void last_step(const char *trace, char *out, size_t len)
 }
 
 static void collect(const struct runner_options *o, struct runner_case *c, int wstatus,
-                    int hung, const char *trace_path, const char *result_path)
+                    int hung, const char *trace_path, const char *timeline_path,
+                    const char *result_path)
 {
     c->trace = read_file(trace_path);
+    c->timeline = read_file(timeline_path);
     char *res = hung ? NULL : read_file(result_path);
     if (res) {
         char *l1 = strtok(res, "\n"), *l2 = strtok(NULL, "\n"), *l3 = strtok(NULL, "");
@@ -465,8 +470,9 @@ int runner_run(const struct runner_options *o)
         for (int j = 0; j < njobs && next < ncases; j++) {
             if (jobs[j].pid)
                 continue;
-            char tp[256], rp[256];
+            char tp[256], lp[256], rp[256];
             snprintf(tp, sizeof tp, "%s/%zu.trace", tmpdir, next);
+            snprintf(lp, sizeof lp, "%s/%zu.timeline", tmpdir, next);
             snprintf(rp, sizeof rp, "%s/%zu.result", tmpdir, next);
             if (live)
                 printf("==> %s [%s]\n", cases[next].name, scn_backend_name(cases[next].backend));
@@ -479,7 +485,7 @@ int runner_run(const struct runner_options *o)
                 break;
             }
             if (pid == 0)
-                child_main(o, drv, case_scn[next], cases[next].backend, tp, rp, live);
+                child_main(o, drv, case_scn[next], cases[next].backend, tp, lp, rp, live);
             jobs[j] = (struct job){pid, next, now_ms(), case_scn[next]};
             live_pids[j] = pid;
             next++;
@@ -502,11 +508,13 @@ int runner_run(const struct runner_options *o)
             any = 1;
             struct runner_case *c = &cases[jobs[j].index];
             c->duration_ms = now_ms() - jobs[j].started_ms;
-            char tp[256], rp[256];
+            char tp[256], lp[256], rp[256];
             snprintf(tp, sizeof tp, "%s/%zu.trace", tmpdir, jobs[j].index);
+            snprintf(lp, sizeof lp, "%s/%zu.timeline", tmpdir, jobs[j].index);
             snprintf(rp, sizeof rp, "%s/%zu.result", tmpdir, jobs[j].index);
-            collect(o, c, ws, hung, tp, rp);
+            collect(o, c, ws, hung, tp, lp, rp);
             unlink(tp);
+            unlink(lp);
             unlink(rp);
             save_trace(o, c);
             print_live(o, c);
@@ -551,8 +559,11 @@ int runner_run(const struct runner_options *o)
         snprintf(junit, sizeof junit, "%s/junit.xml", o->reports_dir);
     snprintf(summary, sizeof summary, "%s/summary.md", o->reports_dir);
     exit_code = failed ? 1 : 0;
+    char html[1024];
+    snprintf(html, sizeof html, "%s/index.html", o->reports_dir);
     if (report_junit(junit, cases, ncases, total_ms, err, sizeof err) < 0 ||
-        report_summary_md(summary, cases, ncases, total_ms, err, sizeof err) < 0) {
+        report_summary_md(summary, cases, ncases, total_ms, err, sizeof err) < 0 ||
+        report_html(html, cases, ncases, total_ms, err, sizeof err) < 0) {
         fprintf(stderr, "pgfault: writing reports: %s\n", err);
         exit_code = 2;
     }
@@ -574,7 +585,7 @@ int runner_run(const struct runner_options *o)
                     printf("  %-5s %s [%s]: %s\n", runner_status_name(cases[i].status),
                            cases[i].name, scn_backend_name(cases[i].backend), cases[i].message);
         }
-        printf("Reports: %s, %s, %s/traces/\n", junit, summary, o->reports_dir);
+        printf("Reports: %s, %s, %s, %s/traces/\n", junit, summary, html, o->reports_dir);
         printf("run: %zu passed, %zu failed\n", ncases - failed, failed);
         printf("pgfault: %s in %.1fs (%zu cases, %d job%s)\n", failed ? "FAILED" : "all passed",
                total_ms / 1000.0, ncases, njobs, njobs > 1 ? "s" : "");
@@ -596,8 +607,10 @@ out:
             closedir(d);
         rmdir(tmpdir);
     }
-    for (size_t i = 0; i < ncases; i++)
+    for (size_t i = 0; i < ncases; i++) {
         free(cases[i].trace);
+        free(cases[i].timeline);
+    }
     free(cases);
     free(jobs);
     plan_free(&p);

@@ -47,6 +47,7 @@ struct runner_case {
     int line;           /* scenario line of the failure (0: none / implicit check) */
     char message[1024];
     char *trace;        /* the whole trace text (owned) */
+    char *timeline;     /* the case's timeline records (owned, may be NULL); see steps.h */
     char trace_file[600]; /* where the trace was saved under reports_dir */
 };
 

@@ -117,6 +117,30 @@ __attribute__((format(printf, 3, 4))) static void trace(struct ctx *c, const cha
     pthread_mutex_unlock(&c->lock);
 }
 
+/* One timeline record: an interval (start < end) or a point. Kinds the
+ * report knows: acquire, query, release, discard, fault, heal, close,
+ * fail, and the first word of each pool event (connected, ejected, ...). */
+__attribute__((format(printf, 5, 6))) static void timeline(struct ctx *c, double start_ms,
+                                                            double end_ms, const char *kind,
+                                                            const char *fmt, ...)
+{
+    if (!c->o->timeline)
+        return;
+    char label[300];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(label, sizeof label, fmt, ap);
+    va_end(ap);
+    for (char *p = label; *p; p++)
+        if (*p == '\t' || *p == '\n')
+            *p = ' ';
+    pthread_mutex_lock(&c->lock);
+    fprintf(c->o->timeline, "%.3f\t%.3f\t%s\t%s\n", start_ms - c->t0, end_ms - c->t0, kind,
+            label);
+    fflush(c->o->timeline);
+    pthread_mutex_unlock(&c->lock);
+}
+
 __attribute__((format(printf, 3, 4))) static int fail(struct ctx *c, int line, const char *fmt,
                                                        ...)
 {
@@ -129,6 +153,8 @@ __attribute__((format(printf, 3, 4))) static int fail(struct ctx *c, int line, c
     c->r->passed = 0;
     c->r->line = line;
     trace(c, "FAIL", "%s", c->r->message);
+    double now = steps_now_ms();
+    timeline(c, now, now, "fail", "%s", c->r->message);
     return -1;
 }
 
@@ -176,10 +202,18 @@ static const char *password_cb(void *arg)
 
 static void event_cb(void *arg, const char *line)
 {
-    trace(arg, "event", "%s", line);
+    struct ctx *c = arg;
+    trace(c, "event", "%s", line);
+    char kind[32];
+    size_t n = strcspn(line, " :");
+    snprintf(kind, sizeof kind, "%.*s", (int)(n < sizeof kind ? n : sizeof kind - 1), line);
+    double now = steps_now_ms();
+    timeline(c, now, now, kind, "%s", line);
 }
 
 /* ---- Acquire ----------------------------------------------------------------- */
+
+static const char *outcome_name(enum driver_outcome o);
 
 static void do_acquire(struct slot *s, int timeout_ms)
 {
@@ -188,7 +222,10 @@ static void do_acquire(struct slot *s, int timeout_ms)
     double t = steps_now_ms();
     s->err[0] = '\0';
     s->outcome = c->drv->acquire(c->pool, timeout_ms, &conn, s->err, sizeof s->err);
-    s->elapsed_ms = steps_now_ms() - t;
+    double end = steps_now_ms();
+    s->elapsed_ms = end - t;
+    timeline(c, t, end, "acquire", "%s: %s after %.1fms", s->name, outcome_name(s->outcome),
+             s->elapsed_ms);
     if (s->outcome == DRIVER_OK) {
         s->conn = conn;
         s->held = 1;
@@ -484,6 +521,8 @@ static int step_query(struct ctx *c, const struct scn_step *st)
         }
     }
     double took = steps_now_ms() - t0;
+    timeline(c, t0, t0 + took, "query", "%s: %s %s%s", st->name, st->sql,
+             timed_out ? "no answer" : ok ? "ok" : "error ", timed_out || ok ? "" : sqlstate);
     size_t el = strlen(errmsg);
     while (el && (errmsg[el - 1] == '\n' || errmsg[el - 1] == ' '))
         errmsg[--el] = '\0';
@@ -665,6 +704,11 @@ static int run_step(struct ctx *c, const struct scn_step *st)
         else
             c->drv->discard(c->pool, s->conn);
         s->held = 0;
+        {
+            double now = steps_now_ms();
+            timeline(c, now, now, scn_step_name(st->kind), "%s%s", st->name,
+                     st->again ? " (again)" : "");
+        }
         return 0;
     case SCN_STEP_QUERY:
         return step_query(c, st);
@@ -687,25 +731,34 @@ static int run_step(struct ctx *c, const struct scn_step *st)
                             st->fault.name, st->fault.name);
             target = s->conn;
         }
+        double t = steps_now_ms();
         if (backend_fault(c->be, &st->fault, target, msg, sizeof msg) < 0)
             return fail(c, st->line, "fault %s: %s", scn_fault_name(st->fault.kind), msg);
         trace(c, "", "%s", msg);
+        timeline(c, t, steps_now_ms(), "fault", "%s", st->text);
         return 0;
     }
     case SCN_STEP_HEAL:
         if (backend_heal(c->be, msg, sizeof msg) < 0)
             return fail(c, st->line, "heal: %s", msg);
         trace(c, "", "%s", msg);
+        {
+            double now = steps_now_ms();
+            timeline(c, now, now, "heal", "heal");
+        }
         return 0;
     case SCN_STEP_PASSWORD:
         pthread_mutex_lock(&c->lock);
         snprintf(c->password, sizeof c->password, "%s", st->sql);
         pthread_mutex_unlock(&c->lock);
         return 0;
-    case SCN_STEP_CLOSE:
+    case SCN_STEP_CLOSE: {
+        double t = steps_now_ms();
         c->drv->close(c->pool);
         c->pool_closed = 1;
+        timeline(c, t, steps_now_ms(), "close", "pool closed");
         return 0;
+    }
     case SCN_STEP_EXPECT:
     case SCN_STEP_EVENTUALLY:
         return step_cond(c, st);

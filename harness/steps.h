@@ -24,7 +24,10 @@ struct steps_options {
     const struct driver_ops *driver;
     const char *server_conninfo; /* proxy backend: existing server, or NULL */
     unsigned long seed;
-    FILE *trace; /* where the step-by-step trace goes */
+    FILE *trace;    /* where the step-by-step trace goes */
+    FILE *timeline; /* machine-readable events for the HTML report, or NULL:
+                     * "START_MS\tEND_MS\tKIND\tLABEL" per line, times
+                     * relative to the first step */
 };
 
 struct steps_result {

@@ -98,12 +98,42 @@ static void test_tap_and_summary(void **state)
     assert_true(fail_row < pass_row);
 }
 
+static void test_html_has_timelines_failures_first(void **state)
+{
+    struct runner_case c[2];
+    fill(c);
+    c[0].timeline = "0.000\t12.000\tacquire\tc1: ok after 12.0ms\n"
+                    "12.500\t12.500\tfault\tfault kill idle\n"
+                    "13.000\t13.000\tejected\tejected conn 1: dead\n";
+    c[1].timeline = NULL;
+    snprintf(c[0].trace_file, sizeof c[0].trace_file, "traces/auth-wrong-password.fake.txt");
+    char path[] = "/tmp/pgfault-test-html-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    char err[256];
+    assert_int_equal(report_html(path, c, 2, 1000, err, sizeof err), 0);
+    char *h = slurp(path);
+    unlink(path);
+    assert_non_null(strstr(h, "<svg"));
+    assert_non_null(strstr(h, "c1: ok after 12.0ms</title></rect>"));
+    assert_non_null(strstr(h, "ejected: ejected conn 1: dead</title></circle>"));
+    assert_non_null(strstr(h, "href=\"traces/auth-wrong-password.fake.txt\""));
+    assert_non_null(strstr(h, "no timeline recorded"));
+    assert_null(strstr(h, "<script"));
+    char *fail_row = strstr(h, "class=\"FAIL\">FAIL"), *pass_row = strstr(h, "class=\"PASS\">PASS");
+    assert_non_null(fail_row);
+    assert_non_null(pass_row);
+    assert_true(fail_row < pass_row);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_xml_escape),
         cmocka_unit_test(test_junit_lists_every_case),
         cmocka_unit_test(test_tap_and_summary),
+        cmocka_unit_test(test_html_has_timelines_failures_first),
     };
     if (getenv("T"))
         cmocka_set_test_filter(getenv("T"));
