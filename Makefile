@@ -71,7 +71,11 @@ PQPOOL_PC := $(BUILD)/pqpool.pc
 # call into the real library.
 HARNESS_LIBS := -ldl -lm
 
-.PHONY: all deps deps-check check run scenario test test-sanitize install format format-check clean
+.PHONY: all deps deps-check check run scenario test test-sanitize coverage install format format-check clean
+
+# Coverage thresholds for pool/ (make coverage fails below them).
+COVERAGE_LINES_MIN := 95
+COVERAGE_BRANCHES_MIN := 85
 
 all: deps-check $(LIBPQPOOL_A) $(LIBPQPOOL_SO) $(PQPOOL_PC) $(if $(wildcard harness/main.c),$(PGFAULT))
 
@@ -132,6 +136,10 @@ test: deps-check
 	$(MAKE) --no-print-directory check
 	$(MAKE) --no-print-directory test-sanitize
 	$(MAKE) --no-print-directory run
+
+coverage: deps-check
+	$(MAKE) --no-print-directory COVERAGE=1 all $(patsubst build/default/%,build/default-coverage/%,$(TEST_BINS))
+	tools/coverage.sh build/default-coverage $(COVERAGE_LINES_MIN) $(COVERAGE_BRANCHES_MIN)
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/bin
