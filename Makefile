@@ -71,7 +71,7 @@ PQPOOL_PC := $(BUILD)/pqpool.pc
 # call into the real library.
 HARNESS_LIBS := -ldl -lm
 
-.PHONY: all deps deps-check check run scenario test test-sanitize coverage install format format-check clean
+.PHONY: all deps deps-check check check-report run scenario test test-sanitize coverage install format format-check clean
 
 # Coverage thresholds for pool/ (make coverage fails below them).
 COVERAGE_LINES_MIN := 95
@@ -132,10 +132,16 @@ scenario: deps-check all
 	@test -n "$(S)" || { echo "usage: make scenario S=family/name [BACKEND=fake|proxy]" >&2; exit 2; }
 	$(PGFAULT) run scenarios/$(S).scn -v $(if $(BACKEND),--backend $(BACKEND))
 
+# Opens reports/index.html in headless Chromium: fails on a blank page, a
+# missing timeline or a script error.
+check-report: deps-check
+	tools/check-html.sh reports/index.html reports/index.png
+
 test: deps-check
 	$(MAKE) --no-print-directory check
 	$(MAKE) --no-print-directory test-sanitize
 	$(MAKE) --no-print-directory run
+	$(MAKE) --no-print-directory check-report
 
 coverage: deps-check
 	$(MAKE) --no-print-directory COVERAGE=1 all $(patsubst build/default/%,build/default-coverage/%,$(TEST_BINS))

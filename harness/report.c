@@ -340,8 +340,11 @@ static void tl_svg(FILE *f, const char *timeline)
     }
     /* Axis with about eight ticks at round values. */
     double step = 1;
-    while (max_ms / step > 8)
-        step *= (step == 1 || (int)step % 10 == 0) ? 2 : 2.5;
+    for (double base = 1; max_ms / step > 8; base *= 10) {
+        static const double mult[] = {1, 2, 5};
+        for (int k = 0; k < 3 && max_ms / (step = base * mult[k]) > 8; k++)
+            ;
+    }
     fprintf(f, "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"#999\"/>\n", left, axis_y,
             left + width, axis_y);
     for (double t = 0; t <= max_ms + 0.001; t += step) {

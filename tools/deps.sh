@@ -8,7 +8,10 @@
 set -u
 mode=${1:-install}
 shift || true
-pkgs=(gcc make pkg-config libpq-dev libcmocka-dev lcov postgresql-15 postgresql-client-15 "$@")
+# chromium and netpbm: the check that reports/index.html renders (screenshot,
+# blank-page test).
+pkgs=(gcc make pkg-config libpq-dev libcmocka-dev lcov postgresql-15 postgresql-client-15
+    chromium netpbm "$@")
 
 missing=()
 for p in "${pkgs[@]}"; do
