@@ -42,6 +42,11 @@ struct pgserver_options {
 /* Fills o with the defaults above. */
 void pgserver_options_init(struct pgserver_options *o);
 
+/* Builds this process's template data dir now (it is otherwise made by the
+ * first pgserver_create). A process that forks workers calls this first,
+ * so the children share one template instead of each running initdb. */
+int pgserver_prepare(char *err, size_t errlen) PGSERVER_MUSTCHECK;
+
 /* Creates a cluster (not started). On failure nothing is left behind and
  * err names the step that failed; if no server binaries are found the
  * message says to run `make deps`. */
@@ -109,8 +114,9 @@ int pgserver_count_backends(struct pgserver *s, const char *appname, char *err, 
 int pgserver_set_password(struct pgserver *s, const char *password, char *err,
                           size_t errlen) PGSERVER_MUSTCHECK;
 
-/* Sets max_connections in postgresql.conf; takes effect at the next
- * (re)start. */
+/* Sets max_connections for the next (re)start (2..10000). One slot is
+ * reserved for the superuser (superuser_reserved_connections = 1), so the
+ * role gets n - 1 sessions and the harness can always connect. */
 int pgserver_set_max_connections(struct pgserver *s, int n, char *err,
                                  size_t errlen) PGSERVER_MUSTCHECK;
 

@@ -1,0 +1,829 @@
+/*
+ * pgserver: throwaway PostgreSQL clusters for tests and scenarios.
+ *
+ * initdb costs a second or two, so it runs once per process into a
+ * template data dir, and each cluster is a copy of it. Every cluster (and
+ * the template) has a reaper: a small forked process that holds the read
+ * end of a pipe whose write end only the owner has. When the owner goes
+ * away -- pgserver_destroy, exit, a crash, SIGKILL -- the reaper sees EOF,
+ * shuts the postmaster down immediately and removes the temp dir. The
+ * reaper ignores SIGINT and SIGTERM and runs in its own session, so a ^C
+ * to the harness's process group does not stop it before it has cleaned
+ * up.
+ *
+ * Commands (initdb, pg_ctl, psql) run as children with a deadline; as root
+ * they run as the `postgres` system user, since PostgreSQL refuses root.
+ */
+#include "pgserver.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <grp.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CMD_TIMEOUT_MS 60000
+#define OUT_MAX 65536
+#define SUPERUSER "postgres"
+
+struct reaper {
+    pid_t pid;
+    int wfd; /* write end: closing it (or dying) starts the cleanup */
+};
+
+#define DIR_MAX 1024 /* temp dir paths: short, so that derived paths always fit */
+
+struct pgserver {
+    char dir[DIR_MAX];
+    char data[PATH_MAX];
+    char log[PATH_MAX];
+    char user[64], password[128], dbname[64];
+    int port;
+    int max_connections;
+    int started; /* started by us and not stopped since */
+    struct reaper reaper;
+};
+
+/* The per-process template: made once, shared by every cluster. */
+static pthread_mutex_t template_mu = PTHREAD_MUTEX_INITIALIZER;
+static char template_dir[DIR_MAX];
+static char template_user[64], template_password[128], template_dbname[64];
+static struct reaper template_reaper;
+static char bindir[PATH_MAX];
+
+__attribute__((format(printf, 3, 4))) static int fail(char *err, size_t len, const char *fmt, ...)
+{
+    if (err && len) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, len, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---- Running commands ------------------------------------------------------ */
+
+/* Whether commands must drop to the postgres user, and its ids. */
+static int drop_ids(uid_t *uid, gid_t *gid)
+{
+    if (geteuid() != 0)
+        return 0;
+    struct passwd *pw = getpwnam("postgres");
+    if (!pw)
+        return -1;
+    *uid = pw->pw_uid;
+    *gid = pw->pw_gid;
+    return 1;
+}
+
+/*
+ * Runs argv with stdin from in (may be NULL), collects stdout+stderr into
+ * out (may be NULL), and waits at most timeout_ms. Returns the exit status
+ * (0 = success), or -1 if it could not run or timed out (err says which).
+ */
+static int run(char *const argv[], const char *in, char *out, size_t outlen, int timeout_ms,
+               char *err, size_t errlen)
+{
+    int inp[2] = {-1, -1}, outp[2] = {-1, -1};
+    uid_t uid = 0;
+    gid_t gid = 0;
+    int drop = drop_ids(&uid, &gid);
+    if (drop < 0)
+        return fail(err, errlen, "running as root, but there is no 'postgres' user to run %s as",
+                    argv[0]);
+    if (pipe2(inp, O_CLOEXEC) < 0 || pipe2(outp, O_CLOEXEC) < 0) {
+        int e = errno;
+        for (int i = 0; i < 2; i++) {
+            if (inp[i] >= 0)
+                close(inp[i]);
+            if (outp[i] >= 0)
+                close(outp[i]);
+        }
+        return fail(err, errlen, "pipe: %s", strerror(e));
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(inp[0]), close(inp[1]), close(outp[0]), close(outp[1]);
+        return fail(err, errlen, "fork: %s", strerror(e));
+    }
+    if (pid == 0) {
+        dup2(inp[0], 0);
+        dup2(outp[1], 1);
+        dup2(outp[1], 2);
+        signal(SIGPIPE, SIG_DFL);
+        if (drop > 0 && (setgroups(0, NULL) < 0 || setgid(gid) < 0 || setuid(uid) < 0))
+            _exit(126);
+        /* English messages, and no PG* settings of the caller leaking in. */
+        setenv("LC_ALL", "C", 1);
+        extern char **environ;
+        for (char **e = environ; *e;) {
+            if (strncmp(*e, "PG", 2) == 0) {
+                char name[128];
+                snprintf(name, sizeof name, "%.*s", (int)strcspn(*e, "="), *e);
+                unsetenv(name);
+            } else {
+                e++;
+            }
+        }
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    close(inp[0]);
+    close(outp[1]);
+    if (in) {
+        size_t left = strlen(in);
+        const char *p = in;
+        while (left > 0) {
+            ssize_t w = write(inp[1], p, left);
+            if (w <= 0)
+                break;
+            p += w;
+            left -= (size_t)w;
+        }
+    }
+    close(inp[1]);
+    size_t used = 0;
+    char sink[4096];
+    int64_t deadline = now_ms() + timeout_ms;
+    int timed_out = 0;
+    for (;;) {
+        int64_t left = deadline - now_ms();
+        if (left <= 0) {
+            timed_out = 1;
+            break;
+        }
+        struct pollfd pfd = {outp[0], POLLIN, 0};
+        int r = poll(&pfd, 1, (int)left);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            continue;
+        char *dst = out && used + 1 < outlen ? out + used : sink;
+        size_t room = out && used + 1 < outlen ? outlen - used - 1 : sizeof sink;
+        ssize_t n = read(outp[0], dst, room);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        if (dst != sink)
+            used += (size_t)n;
+    }
+    close(outp[0]);
+    if (out && outlen)
+        out[used] = '\0';
+    int status = 0;
+    if (timed_out)
+        kill(pid, SIGKILL);
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+        ;
+    if (timed_out)
+        return fail(err, errlen, "%s did not finish within %ds", argv[0], timeout_ms / 1000);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 127)
+        return fail(err, errlen, "cannot run %s", argv[0]);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 126)
+        return fail(err, errlen, "cannot switch to the postgres user to run %s", argv[0]);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+/* The last line(s) of a command's output, for error messages. */
+static const char *tail(const char *out, int lines)
+{
+    const char *end = out + strlen(out);
+    while (end > out && (end[-1] == '\n' || end[-1] == ' '))
+        end--;
+    const char *p = end;
+    while (p > out && lines > 0) {
+        p--;
+        if (*p == '\n')
+            lines--;
+    }
+    return p == out ? out : p + 1;
+}
+
+static int find_bindir(char *err, size_t errlen)
+{
+    if (bindir[0])
+        return 0;
+    char out[DIR_MAX] = "";
+    FILE *f = popen("pg_config --bindir 2>/dev/null", "r");
+    if (f) {
+        if (fgets(out, sizeof out, f))
+            out[strcspn(out, "\n")] = '\0';
+        pclose(f);
+    }
+    char probe[PATH_MAX + 16];
+    snprintf(probe, sizeof probe, "%s/initdb", out);
+    if (out[0] && access(probe, X_OK) == 0) {
+        snprintf(bindir, sizeof bindir, "%s", out);
+        return 0;
+    }
+    /* Debian keeps each major version under /usr/lib/postgresql/N/bin;
+     * take the newest one that has initdb. */
+    DIR *d = opendir("/usr/lib/postgresql");
+    int best = 0;
+    struct dirent *e;
+    while (d && (e = readdir(d)) != NULL) {
+        int v = atoi(e->d_name);
+        snprintf(probe, sizeof probe, "/usr/lib/postgresql/%s/bin/initdb", e->d_name);
+        if (v > best && access(probe, X_OK) == 0) {
+            best = v;
+            snprintf(bindir, sizeof bindir, "/usr/lib/postgresql/%d/bin", v);
+        }
+    }
+    if (d)
+        closedir(d);
+    if (!best)
+        return fail(err, errlen,
+                    "no PostgreSQL server binaries found (pg_config --bindir, "
+                    "/usr/lib/postgresql/*/bin); run `make deps` to install postgresql-15");
+    return 0;
+}
+
+static void bin(char *buf, size_t len, const char *name)
+{
+    snprintf(buf, len, "%s/%s", bindir, name);
+}
+
+/* ---- Directories ------------------------------------------------------------- */
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)ftw;
+    return flag == FTW_DP ? rmdir(path) : unlink(path);
+}
+
+static void rm_rf(const char *dir)
+{
+    if (dir[0])
+        nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+static int make_dir(char *path, size_t len, const char *kind, char *err, size_t errlen)
+{
+    const char *tmp = getenv("TMPDIR");
+    snprintf(path, len, "%s/pgfault-%s-XXXXXX", tmp && *tmp ? tmp : "/tmp", kind);
+    if (!mkdtemp(path))
+        return fail(err, errlen, "mkdtemp %s: %s", path, strerror(errno));
+    uid_t uid;
+    gid_t gid;
+    if (drop_ids(&uid, &gid) > 0 && chown(path, uid, gid) < 0) {
+        int e = errno;
+        rmdir(path);
+        return fail(err, errlen, "chown %s to postgres: %s", path, strerror(e));
+    }
+    return 0;
+}
+
+/* The postmaster's pid from postmaster.pid, or 0. */
+static pid_t postmaster_pid(const char *data)
+{
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/postmaster.pid", data);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    long pid = 0;
+    if (fscanf(f, "%ld", &pid) != 1)
+        pid = 0;
+    fclose(f);
+    return pid > 0 && kill((pid_t)pid, 0) == 0 ? (pid_t)pid : 0;
+}
+
+/* ---- Reapers ------------------------------------------------------------------- */
+
+/* Stops a postmaster the hard way (what pg_ctl -m immediate does) and waits
+ * for it to go. */
+static void kill_postmaster(const char *data)
+{
+    pid_t pid = postmaster_pid(data);
+    if (!pid)
+        return;
+    kill(pid, SIGQUIT);
+    for (int i = 0; i < 1000 && kill(pid, 0) == 0; i++) {
+        if (i == 500)
+            kill(pid, SIGKILL);
+        usleep(10000);
+    }
+}
+
+static int start_reaper(struct reaper *r, const char *dir, char *err, size_t errlen)
+{
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0)
+        return fail(err, errlen, "pipe: %s", strerror(errno));
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(p[0]);
+        close(p[1]);
+        return fail(err, errlen, "fork: %s", strerror(e));
+    }
+    if (pid == 0) {
+        /* The reaper: outlive the owner, then clean up after it. */
+        setsid();
+        signal(SIGINT, SIG_IGN);
+        signal(SIGTERM, SIG_IGN);
+        signal(SIGHUP, SIG_IGN);
+        signal(SIGPIPE, SIG_IGN);
+        int keep = p[0];
+        int maxfd = (int)sysconf(_SC_OPEN_MAX);
+        for (int fd = 0; fd < (maxfd > 0 && maxfd < 65536 ? maxfd : 1024); fd++)
+            if (fd != keep)
+                close(fd);
+        char c;
+        ssize_t n;
+        while ((n = read(keep, &c, 1)) < 0 && errno == EINTR)
+            ;
+        if (n == 1)
+            _exit(0); /* the owner cleaned up itself */
+        char data[PATH_MAX + 8];
+        snprintf(data, sizeof data, "%s/data", dir);
+        kill_postmaster(data);
+        rm_rf(dir);
+        _exit(0);
+    }
+    close(p[0]);
+    r->pid = pid;
+    r->wfd = p[1];
+    return 0;
+}
+
+/* The owner cleaned up: tell the reaper to just exit, and reap it. */
+static void stop_reaper(struct reaper *r)
+{
+    if (r->wfd < 0 || r->pid <= 0)
+        return;
+    ssize_t w = write(r->wfd, "x", 1);
+    (void)w;
+    close(r->wfd);
+    r->wfd = -1;
+    while (waitpid(r->pid, NULL, 0) < 0 && errno == EINTR)
+        ;
+    r->pid = 0;
+}
+
+/* ---- Template ---------------------------------------------------------------------- */
+
+static void quote_ident(char *buf, size_t len, const char *s)
+{
+    size_t o = 0;
+    if (o + 1 < len)
+        buf[o++] = '"';
+    for (; *s && o + 3 < len; s++) {
+        if (*s == '"')
+            buf[o++] = '"';
+        buf[o++] = *s;
+    }
+    if (o + 1 < len)
+        buf[o++] = '"';
+    buf[o] = '\0';
+}
+
+static void quote_literal(char *buf, size_t len, const char *s)
+{
+    size_t o = 0;
+    if (o + 1 < len)
+        buf[o++] = '\'';
+    for (; *s && o + 3 < len; s++) {
+        if (*s == '\'')
+            buf[o++] = '\'';
+        buf[o++] = *s;
+    }
+    if (o + 1 < len)
+        buf[o++] = '\'';
+    buf[o] = '\0';
+}
+
+/* Makes the template (initdb, settings, the role and its database in
+ * single-user mode) unless this process has one. Caller holds template_mu. */
+static int make_template_locked(const struct pgserver_options *o, char *err, size_t errlen)
+{
+    if (template_dir[0])
+        return 0;
+    char dir[DIR_MAX], data[DIR_MAX + 8], out[OUT_MAX], e[512];
+    char initdb[PATH_MAX + 16], postgres[PATH_MAX + 16];
+    if (find_bindir(err, errlen) < 0 || make_dir(dir, sizeof dir, "template", err, errlen) < 0)
+        return -1;
+    if (start_reaper(&template_reaper, dir, err, errlen) < 0) {
+        rm_rf(dir);
+        return -1;
+    }
+    snprintf(data, sizeof data, "%s/data", dir);
+    bin(initdb, sizeof initdb, "initdb");
+    bin(postgres, sizeof postgres, "postgres");
+    char *const initdb_argv[] = {initdb,         "-D",        data,         "-U",
+                                 SUPERUSER,      "-A",        "trust",      "--auth-host=scram-sha-256",
+                                 "-E",           "UTF8",      "--locale=C", "--no-sync",
+                                 "--no-instructions", NULL};
+    int rc = run(initdb_argv, NULL, out, sizeof out, CMD_TIMEOUT_MS, e, sizeof e);
+    if (rc != 0) {
+        fail(err, errlen, "initdb: %s", rc < 0 ? e : tail(out, 3));
+        goto fail;
+    }
+    /* Durability is irrelevant for a throwaway server; speed is not. */
+    char conf[PATH_MAX + 32];
+    snprintf(conf, sizeof conf, "%s/postgresql.conf", data);
+    FILE *f = fopen(conf, "a");
+    if (!f) {
+        fail(err, errlen, "%s: %s", conf, strerror(errno));
+        goto fail;
+    }
+    fprintf(f, "\n# pgfault throwaway server\nfsync = off\nsynchronous_commit = off\n"
+               "full_page_writes = off\nlisten_addresses = '127.0.0.1'\n"
+               "password_encryption = 'scram-sha-256'\nshared_buffers = 16MB\n"
+               "max_wal_senders = 0\nwal_level = minimal\nlog_min_messages = warning\n"
+               "logging_collector = off\nssl = off\n");
+    fclose(f);
+    char role[200], pw[300], db[200], sql[1024];
+    quote_ident(role, sizeof role, o->user);
+    quote_literal(pw, sizeof pw, o->password);
+    quote_ident(db, sizeof db, o->dbname);
+    snprintf(sql, sizeof sql, "CREATE ROLE %s LOGIN PASSWORD %s\nCREATE DATABASE %s OWNER %s\n",
+             role, pw, db, role);
+    char *const single_argv[] = {postgres, "--single", "-D", data, "-c", "fsync=off", "postgres",
+                                 NULL};
+    rc = run(single_argv, sql, out, sizeof out, CMD_TIMEOUT_MS, e, sizeof e);
+    if (rc != 0 || strstr(out, "ERROR:")) {
+        fail(err, errlen, "creating role %s: %s", o->user, rc < 0 ? e : tail(out, 3));
+        goto fail;
+    }
+    snprintf(template_dir, sizeof template_dir, "%s", dir);
+    snprintf(template_user, sizeof template_user, "%s", o->user);
+    snprintf(template_password, sizeof template_password, "%s", o->password);
+    snprintf(template_dbname, sizeof template_dbname, "%s", o->dbname);
+    return 0;
+fail:
+    rm_rf(dir);
+    stop_reaper(&template_reaper);
+    return -1;
+}
+
+/* ---- Public API ---------------------------------------------------------------------- */
+
+void pgserver_options_init(struct pgserver_options *o)
+{
+    memset(o, 0, sizeof *o);
+    o->user = "pgfault";
+    o->password = "pgfault";
+    o->dbname = "pgfault";
+    o->max_connections = 100;
+}
+
+int pgserver_prepare(char *err, size_t errlen)
+{
+    struct pgserver_options o;
+    pgserver_options_init(&o);
+    pthread_mutex_lock(&template_mu);
+    int rc = make_template_locked(&o, err, errlen);
+    pthread_mutex_unlock(&template_mu);
+    return rc;
+}
+
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t alen = sizeof a;
+    int port = -1;
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &alen) == 0)
+        port = ntohs(a.sin_port);
+    close(fd);
+    return port;
+}
+
+int pgserver_create(const struct pgserver_options *o, struct pgserver **out, char *err,
+                    size_t errlen)
+{
+    *out = NULL;
+    struct pgserver *s = calloc(1, sizeof *s);
+    if (!s)
+        return fail(err, errlen, "out of memory");
+    s->reaper.wfd = -1;
+    struct pgserver_options def;
+    pgserver_options_init(&def);
+    if (!o)
+        o = &def;
+    snprintf(s->user, sizeof s->user, "%s", o->user ? o->user : def.user);
+    snprintf(s->password, sizeof s->password, "%s", o->password ? o->password : def.password);
+    snprintf(s->dbname, sizeof s->dbname, "%s", o->dbname ? o->dbname : def.dbname);
+    s->max_connections = o->max_connections > 0 ? o->max_connections : def.max_connections;
+    s->port = o->port;
+    struct pgserver_options eff = {s->user, s->password, s->dbname, s->max_connections, 0};
+
+    pthread_mutex_lock(&template_mu);
+    int rc = make_template_locked(&eff, err, errlen);
+    pthread_mutex_unlock(&template_mu);
+    if (rc < 0) {
+        free(s);
+        return -1;
+    }
+    if (make_dir(s->dir, sizeof s->dir, "server", err, errlen) < 0) {
+        free(s);
+        return -1;
+    }
+    if (start_reaper(&s->reaper, s->dir, err, errlen) < 0) {
+        rm_rf(s->dir);
+        free(s);
+        return -1;
+    }
+    snprintf(s->data, sizeof s->data, "%s/data", s->dir);
+    snprintf(s->log, sizeof s->log, "%s/server.log", s->dir);
+    /* cp -a keeps the owner (postgres) and the 0700 mode PostgreSQL wants. */
+    char src[PATH_MAX + 8];
+    snprintf(src, sizeof src, "%s/data", template_dir);
+    /* cp runs as the caller: as root, -a preserves the postgres owner. */
+    char *const cp_argv[] = {"/bin/cp", "-a", src, s->data, NULL};
+    pid_t pid = fork();
+    if (pid == 0) {
+        execv(cp_argv[0], cp_argv);
+        _exit(127);
+    }
+    int status = -1;
+    if (pid > 0)
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+            ;
+    if (pid < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        fail(err, errlen, "copying the template data dir to %s failed", s->data);
+        pgserver_destroy(s);
+        return -1;
+    }
+    *out = s;
+    return 0;
+}
+
+static int sql_as_superuser(struct pgserver *s, const char *db, const char *sql, char *out,
+                            size_t outlen, char *err, size_t errlen)
+{
+    char psql[PATH_MAX + 16], port[16], text[OUT_MAX], e[512];
+    bin(psql, sizeof psql, "psql");
+    snprintf(port, sizeof port, "%d", s->port);
+    char *const argv[] = {psql, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", s->dir,
+                          "-p", port, "-U", SUPERUSER, "-d", (char *)db, "-c", (char *)sql, NULL};
+    int rc = run(argv, NULL, text, sizeof text, CMD_TIMEOUT_MS, e, sizeof e);
+    if (rc != 0)
+        return fail(err, errlen, "psql: %s", rc < 0 ? e : tail(text, 3));
+    size_t l = strlen(text);
+    while (l && (text[l - 1] == '\n' || text[l - 1] == ' '))
+        text[--l] = '\0';
+    if (out && outlen)
+        snprintf(out, outlen, "%s", text);
+    return 0;
+}
+
+/* Brings a cluster's role, password and database in line with its
+ * options when the template was made with other ones. */
+static int fix_identity(struct pgserver *s, char *err, size_t errlen)
+{
+    if (strcmp(s->user, template_user) == 0 && strcmp(s->password, template_password) == 0 &&
+        strcmp(s->dbname, template_dbname) == 0)
+        return 0;
+    char role[200], pw[300], db[200], sql[1200], have[64];
+    quote_ident(role, sizeof role, s->user);
+    quote_literal(pw, sizeof pw, s->password);
+    quote_ident(db, sizeof db, s->dbname);
+    char lit[200];
+    quote_literal(lit, sizeof lit, s->user);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_roles WHERE rolname = %s", lit);
+    if (sql_as_superuser(s, "postgres", sql, have, sizeof have, err, errlen) < 0)
+        return -1;
+    snprintf(sql, sizeof sql, "%s ROLE %s LOGIN PASSWORD %s", atoi(have) ? "ALTER" : "CREATE",
+             role, pw);
+    if (sql_as_superuser(s, "postgres", sql, NULL, 0, err, errlen) < 0)
+        return -1;
+    quote_literal(lit, sizeof lit, s->dbname);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_database WHERE datname = %s", lit);
+    if (sql_as_superuser(s, "postgres", sql, have, sizeof have, err, errlen) < 0)
+        return -1;
+    if (!atoi(have)) {
+        snprintf(sql, sizeof sql, "CREATE DATABASE %s OWNER %s", db, role);
+        if (sql_as_superuser(s, "postgres", sql, NULL, 0, err, errlen) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+int pgserver_start(struct pgserver *s, char *err, size_t errlen)
+{
+    char pg_ctl[PATH_MAX + 16], opts[PATH_MAX + 256], out[OUT_MAX], e[512];
+    bin(pg_ctl, sizeof pg_ctl, "pg_ctl");
+    /* The first start picks a free port (unless the caller chose one);
+     * later starts keep it, so clients and proxies keep pointing at it. A
+     * picked port can be taken between the probe and the postmaster's
+     * bind; then another is tried. */
+    int fixed_port = s->port > 0;
+    for (int attempt = 0; attempt < (fixed_port ? 1 : 5); attempt++) {
+        if (!fixed_port)
+            s->port = free_port();
+        if (s->port <= 0)
+            return fail(err, errlen, "no free loopback port");
+        snprintf(opts, sizeof opts,
+                 "-p %d -k %s -c max_connections=%d -c superuser_reserved_connections=1", s->port,
+                 s->dir, s->max_connections);
+        char *const argv[] = {pg_ctl, "-D", s->data, "-l", s->log, "-w", "-t", "60", "-o", opts,
+                              "start", NULL};
+        int rc = run(argv, NULL, out, sizeof out, CMD_TIMEOUT_MS + 5000, e, sizeof e);
+        if (rc == 0) {
+            s->started = 1;
+            if (fix_identity(s, err, errlen) < 0)
+                return -1;
+            return 0;
+        }
+        char logtext[4096] = "";
+        FILE *f = fopen(s->log, "r");
+        if (f) {
+            size_t n = fread(logtext, 1, sizeof logtext - 1, f);
+            logtext[n] = '\0';
+            fclose(f);
+        }
+        if (!fixed_port && strstr(logtext, "could not bind") && attempt < 4) {
+            kill_postmaster(s->data);
+            continue;
+        }
+        return fail(err, errlen, "pg_ctl start (port %d): %s; server.log: %s", s->port,
+                    rc < 0 ? e : tail(out, 2), tail(logtext, 3));
+    }
+    return fail(err, errlen, "pg_ctl start: no port could be bound");
+}
+
+int pgserver_stop(struct pgserver *s, enum pgserver_stop_mode mode, char *err, size_t errlen)
+{
+    char pg_ctl[PATH_MAX + 16], out[OUT_MAX], e[512];
+    bin(pg_ctl, sizeof pg_ctl, "pg_ctl");
+    const char *m = mode == PGSERVER_STOP_SMART ? "smart"
+                    : mode == PGSERVER_STOP_FAST ? "fast"
+                                                 : "immediate";
+    char *const argv[] = {pg_ctl, "-D", s->data, "-m", (char *)m, "-w", "-t", "60", "stop", NULL};
+    int rc = run(argv, NULL, out, sizeof out, CMD_TIMEOUT_MS + 5000, e, sizeof e);
+    s->started = 0;
+    if (rc != 0)
+        return fail(err, errlen, "pg_ctl stop -m %s: %s", m, rc < 0 ? e : tail(out, 2));
+    return 0;
+}
+
+int pgserver_restart(struct pgserver *s, enum pgserver_stop_mode mode, char *err, size_t errlen)
+{
+    if (pgserver_stop(s, mode, err, errlen) < 0)
+        return -1;
+    return pgserver_start(s, err, errlen);
+}
+
+int pgserver_running(const struct pgserver *s)
+{
+    return postmaster_pid(s->data) != 0;
+}
+
+int pgserver_port(const struct pgserver *s)
+{
+    return s->port;
+}
+
+const char *pgserver_host(const struct pgserver *s)
+{
+    (void)s;
+    return "127.0.0.1";
+}
+
+const char *pgserver_user(const struct pgserver *s)
+{
+    return s->user;
+}
+
+const char *pgserver_password(const struct pgserver *s)
+{
+    return s->password;
+}
+
+const char *pgserver_dbname(const struct pgserver *s)
+{
+    return s->dbname;
+}
+
+const char *pgserver_dir(const struct pgserver *s)
+{
+    return s->dir;
+}
+
+int pgserver_conninfo(const struct pgserver *s, char *buf, size_t len, const char *extra)
+{
+    int n = snprintf(buf, len, "host=127.0.0.1 port=%d user=%s password=%s dbname=%s%s%s",
+                     s->port, s->user, s->password, s->dbname, extra ? " " : "",
+                     extra ? extra : "");
+    return n < 0 || (size_t)n >= len ? -1 : 0;
+}
+
+int pgserver_sql(struct pgserver *s, const char *sql, char *out, size_t outlen, char *err,
+                 size_t errlen)
+{
+    return sql_as_superuser(s, s->dbname, sql, out, outlen, err, errlen);
+}
+
+/* The WHERE clause selecting the role's client backends. */
+static void backends_where(const struct pgserver *s, enum pgserver_which which,
+                           const char *appname, char *buf, size_t len)
+{
+    char user[200], app[320] = "";
+    quote_literal(user, sizeof user, s->user);
+    if (which == PGSERVER_BACKENDS_APPNAME && appname) {
+        char lit[280];
+        quote_literal(lit, sizeof lit, appname);
+        snprintf(app, sizeof app, " AND application_name = %s", lit);
+    }
+    snprintf(buf, len,
+             "usename = %s AND backend_type = 'client backend' AND pid <> pg_backend_pid()%s%s",
+             user, which == PGSERVER_BACKENDS_IDLE ? " AND state = 'idle'" : "", app);
+}
+
+int pgserver_terminate(struct pgserver *s, enum pgserver_which which, const char *appname,
+                       char *err, size_t errlen)
+{
+    char where[800], sql[1024], out[64];
+    backends_where(s, which, appname, where, sizeof where);
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+             "WHERE %s",
+             where);
+    if (sql_as_superuser(s, "postgres", sql, out, sizeof out, err, errlen) < 0)
+        return -1;
+    return atoi(out);
+}
+
+int pgserver_count_backends(struct pgserver *s, const char *appname, char *err, size_t errlen)
+{
+    char where[800], sql[1024], out[64];
+    backends_where(s, appname ? PGSERVER_BACKENDS_APPNAME : PGSERVER_BACKENDS_ALL, appname, where,
+                   sizeof where);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_stat_activity WHERE %s", where);
+    if (sql_as_superuser(s, "postgres", sql, out, sizeof out, err, errlen) < 0)
+        return -1;
+    return atoi(out);
+}
+
+int pgserver_set_password(struct pgserver *s, const char *password, char *err, size_t errlen)
+{
+    char role[200], pw[300], sql[600];
+    quote_ident(role, sizeof role, s->user);
+    quote_literal(pw, sizeof pw, password);
+    snprintf(sql, sizeof sql, "ALTER ROLE %s PASSWORD %s", role, pw);
+    if (sql_as_superuser(s, "postgres", sql, NULL, 0, err, errlen) < 0)
+        return -1;
+    snprintf(s->password, sizeof s->password, "%s", password);
+    return 0;
+}
+
+int pgserver_set_max_connections(struct pgserver *s, int n, char *err, size_t errlen)
+{
+    if (n < 2 || n > 10000)
+        return fail(err, errlen, "max_connections %d: must be 2..10000 (one slot is reserved for "
+                                 "the superuser)",
+                    n);
+    s->max_connections = n;
+    return 0;
+}
+
+void pgserver_destroy(struct pgserver *s)
+{
+    if (!s)
+        return;
+    if (s->data[0]) {
+        if (postmaster_pid(s->data)) {
+            char e[256];
+            if (pgserver_stop(s, PGSERVER_STOP_IMMEDIATE, e, sizeof e) < 0)
+                kill_postmaster(s->data);
+        }
+    }
+    rm_rf(s->dir);
+    stop_reaper(&s->reaper);
+    free(s);
+}
