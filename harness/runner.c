@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "driver.h"
+#include "pgserver.h"
 #include "report.h"
 #include "steps.h"
 
@@ -446,6 +447,20 @@ int runner_run(const struct runner_options *o)
             if (strcmp(p.scns[k]->path, cases[i].path) == 0)
                 case_scn[i] = p.scns[k];
 
+    /* Proxy cases each start a throwaway server: build the template data
+     * dir once here, so the forked children copy it instead of each
+     * running initdb. */
+    for (size_t i = 0; i < ncases; i++) {
+        if (cases[i].backend != SCN_BACKEND_PROXY || o->server_conninfo)
+            continue;
+        char err[1024];
+        if (pgserver_prepare(err, sizeof err) < 0) {
+            fprintf(stderr, "pgfault: preparing throwaway servers: %s\n", err);
+            free(case_scn);
+            goto out;
+        }
+        break;
+    }
     if (!mkdtemp(tmpdir)) {
         fprintf(stderr, "pgfault: mkdtemp %s: %s\n", tmpdir, strerror(errno));
         free(case_scn);
