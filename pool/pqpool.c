@@ -1171,7 +1171,10 @@ int pqpool_acquire(struct pqpool *p, int timeout_ms, PGconn **out)
     t0 = now_ms();
     if (timeout_ms < 0)
         timeout_ms = p->cfg.acquire_timeout_ms;
-    deadline = t0 + timeout_ms;
+    /* now_ms() truncates, so the true start may be up to 1 ms after t0:
+     * one more millisecond keeps the deadline from ever firing before
+     * timeout_ms has really passed (ETIMEDOUT must never come early). */
+    deadline = t0 + timeout_ms + 1;
     memset(&w, 0, sizeof w);
     if (pthread_cond_init(&w.cond, &p->condattr) != 0)
         return PQPOOL_ENOMEM;
