@@ -58,6 +58,8 @@ struct pgserver {
     int max_connections;
     int started; /* started by us and not stopped since */
     struct reaper reaper;
+    char host[256];     /* attached: the server's host */
+    char *attached;     /* attached: the conninfo given (owned), else NULL */
 };
 
 /* The per-process template: made once, shared by every cluster. */
@@ -591,7 +593,10 @@ static int sql_as_superuser(struct pgserver *s, const char *db, const char *sql,
     snprintf(port, sizeof port, "%d", s->port);
     char *const argv[] = {psql, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", s->dir,
                           "-p", port, "-U", SUPERUSER, "-d", (char *)db, "-c", (char *)sql, NULL};
-    int rc = run(argv, NULL, text, sizeof text, CMD_TIMEOUT_MS, e, sizeof e);
+    char *const attached_argv[] = {psql, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                                   "-d", s->attached, "-c", (char *)sql, NULL};
+    int rc = run(s->attached ? attached_argv : argv, NULL, text, sizeof text, CMD_TIMEOUT_MS, e,
+                 sizeof e);
     if (rc != 0)
         return fail(err, errlen, "psql: %s", rc < 0 ? e : tail(text, 3));
     size_t l = strlen(text);
@@ -634,8 +639,17 @@ static int fix_identity(struct pgserver *s, char *err, size_t errlen)
     return 0;
 }
 
+#define NOT_ATTACHED(s, what)                                                                 \
+    do {                                                                                      \
+        if ((s)->attached)                                                                    \
+            return fail(err, errlen, "%s needs a throwaway server; this one was given with "  \
+                                     "--server and is never changed",                         \
+                        what);                                                                \
+    } while (0)
+
 int pgserver_start(struct pgserver *s, char *err, size_t errlen)
 {
+    NOT_ATTACHED(s, "starting the server");
     char pg_ctl[PATH_MAX + 16], opts[PATH_MAX + 256], out[OUT_MAX], e[512];
     bin(pg_ctl, sizeof pg_ctl, "pg_ctl");
     /* The first start picks a free port (unless the caller chose one);
@@ -679,6 +693,7 @@ int pgserver_start(struct pgserver *s, char *err, size_t errlen)
 
 int pgserver_stop(struct pgserver *s, enum pgserver_stop_mode mode, char *err, size_t errlen)
 {
+    NOT_ATTACHED(s, "stopping the server");
     char pg_ctl[PATH_MAX + 16], out[OUT_MAX], e[512];
     bin(pg_ctl, sizeof pg_ctl, "pg_ctl");
     const char *m = mode == PGSERVER_STOP_SMART ? "smart"
@@ -701,7 +716,7 @@ int pgserver_restart(struct pgserver *s, enum pgserver_stop_mode mode, char *err
 
 int pgserver_running(const struct pgserver *s)
 {
-    return postmaster_pid(s->data) != 0;
+    return s->attached ? 1 : postmaster_pid(s->data) != 0;
 }
 
 int pgserver_port(const struct pgserver *s)
@@ -711,8 +726,7 @@ int pgserver_port(const struct pgserver *s)
 
 const char *pgserver_host(const struct pgserver *s)
 {
-    (void)s;
-    return "127.0.0.1";
+    return s->attached ? s->host : "127.0.0.1";
 }
 
 const char *pgserver_user(const struct pgserver *s)
@@ -737,9 +751,9 @@ const char *pgserver_dir(const struct pgserver *s)
 
 int pgserver_conninfo(const struct pgserver *s, char *buf, size_t len, const char *extra)
 {
-    int n = snprintf(buf, len, "host=127.0.0.1 port=%d user=%s password=%s dbname=%s%s%s",
-                     s->port, s->user, s->password, s->dbname, extra ? " " : "",
-                     extra ? extra : "");
+    int n = snprintf(buf, len, "host=%s port=%d user=%s password=%s dbname=%s%s%s",
+                     pgserver_host(s), s->port, s->user, s->password, s->dbname,
+                     extra ? " " : "", extra ? extra : "");
     return n < 0 || (size_t)n >= len ? -1 : 0;
 }
 
@@ -763,6 +777,8 @@ static void backends_where(const struct pgserver *s, enum pgserver_which which,
     snprintf(buf, len,
              "usename = %s AND backend_type = 'client backend' AND pid <> pg_backend_pid()%s%s",
              user, which == PGSERVER_BACKENDS_IDLE ? " AND state = 'idle'" : "", app);
+    /* An attached server's psql session is the role itself: it must not
+     * count (pid <> pg_backend_pid() already excludes it). */
 }
 
 int pgserver_terminate(struct pgserver *s, enum pgserver_which which, const char *appname,
@@ -792,6 +808,7 @@ int pgserver_count_backends(struct pgserver *s, const char *appname, char *err, 
 
 int pgserver_set_password(struct pgserver *s, const char *password, char *err, size_t errlen)
 {
+    NOT_ATTACHED(s, "changing the role's password");
     char role[200], pw[300], sql[600];
     quote_ident(role, sizeof role, s->user);
     quote_literal(pw, sizeof pw, password);
@@ -804,6 +821,7 @@ int pgserver_set_password(struct pgserver *s, const char *password, char *err, s
 
 int pgserver_set_max_connections(struct pgserver *s, int n, char *err, size_t errlen)
 {
+    NOT_ATTACHED(s, "changing max_connections");
     if (n < 2 || n > 10000)
         return fail(err, errlen, "max_connections %d: must be 2..10000 (one slot is reserved for "
                                  "the superuser)",
@@ -812,10 +830,64 @@ int pgserver_set_max_connections(struct pgserver *s, int n, char *err, size_t er
     return 0;
 }
 
+int pgserver_attach(const char *conninfo, struct pgserver **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    struct pgserver *s = calloc(1, sizeof *s);
+    if (!s)
+        return fail(err, errlen, "out of memory");
+    s->reaper.wfd = -1;
+    if (find_bindir(err, errlen) < 0 || !(s->attached = strdup(conninfo))) {
+        free(s);
+        return -1;
+    }
+    /* keyword=value pairs separated by blanks; values without quotes. */
+    char copy[2048];
+    snprintf(copy, sizeof copy, "%s", conninfo);
+    char *save = NULL;
+    for (char *kv = strtok_r(copy, " \t", &save); kv; kv = strtok_r(NULL, " \t", &save)) {
+        char *eq = strchr(kv, '=');
+        if (!eq) {
+            fail(err, errlen, "--server: '%s' is not keyword=value", kv);
+            goto fail;
+        }
+        *eq++ = '\0';
+        if (strcmp(kv, "host") == 0)
+            snprintf(s->host, sizeof s->host, "%s", eq);
+        else if (strcmp(kv, "port") == 0)
+            s->port = atoi(eq);
+        else if (strcmp(kv, "user") == 0)
+            snprintf(s->user, sizeof s->user, "%s", eq);
+        else if (strcmp(kv, "password") == 0)
+            snprintf(s->password, sizeof s->password, "%s", eq);
+        else if (strcmp(kv, "dbname") == 0)
+            snprintf(s->dbname, sizeof s->dbname, "%s", eq);
+    }
+    if (!s->host[0] || s->port <= 0 || !s->user[0] || !s->dbname[0]) {
+        fail(err, errlen, "--server needs host, port, user and dbname (and password), e.g. "
+                          "'host=127.0.0.1 port=5432 user=app password=secret dbname=app'");
+        goto fail;
+    }
+    char out_text[64];
+    if (sql_as_superuser(s, s->dbname, "SELECT 1", out_text, sizeof out_text, err, errlen) < 0)
+        goto fail;
+    *out = s;
+    return 0;
+fail:
+    free(s->attached);
+    free(s);
+    return -1;
+}
+
 void pgserver_destroy(struct pgserver *s)
 {
     if (!s)
         return;
+    if (s->attached) {
+        free(s->attached);
+        free(s);
+        return;
+    }
     if (s->data[0]) {
         if (postmaster_pid(s->data)) {
             char e[256];

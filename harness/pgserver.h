@@ -53,6 +53,15 @@ int pgserver_prepare(char *err, size_t errlen) PGSERVER_MUSTCHECK;
 int pgserver_create(const struct pgserver_options *o, struct pgserver **out, char *err,
                     size_t errlen) PGSERVER_MUSTCHECK;
 
+/* Attaches to an existing server instead of creating one (pgfault run
+ * --server). conninfo must be keyword=value with host, port, user,
+ * password and dbname. An attached server is never started, stopped or
+ * changed: those calls fail saying a throwaway server is needed; SQL runs
+ * through psql as that user (so counting and terminating see that role's
+ * own backends). */
+int pgserver_attach(const char *conninfo, struct pgserver **out, char *err,
+                    size_t errlen) PGSERVER_MUSTCHECK;
+
 /* Starts the server and waits until it accepts connections. */
 int pgserver_start(struct pgserver *s, char *err, size_t errlen) PGSERVER_MUSTCHECK;
 
