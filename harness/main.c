@@ -1,0 +1,226 @@
+/*
+ * pgfault: the command line. Subcommands:
+ *
+ *   pgfault run   [PATH...] [options]   run scenarios (the CI gate)
+ *   pgfault list  [PATH...] [--filter GLOB]
+ *   pgfault proxy --listen ADDR:PORT --upstream HOST:PORT --control PATH [--seed N]
+ *
+ * Option errors name the option and the offending value and exit 2.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "driver.h"
+#include "proxy_cli.h"
+#include "runner.h"
+#include "scenario.h"
+
+#define PGFAULT_VERSION "0.1.0"
+
+static void usage_main(FILE *out)
+{
+    fprintf(out,
+            "usage: pgfault COMMAND [options]\n"
+            "\n"
+            "Resilience tests for PostgreSQL connection pools.\n"
+            "\n"
+            "commands:\n"
+            "  run [PATH...]    run scenarios (default: scenarios/); exit 0 only if all pass\n"
+            "  list [PATH...]   list scenarios with their backends and descriptions\n"
+            "  proxy            run the TCP fault proxy in front of a server\n"
+            "\n"
+            "'pgfault COMMAND --help' describes a command's options.\n");
+}
+
+static void usage_run(FILE *out)
+{
+    fprintf(out,
+            "usage: pgfault run [PATH...] [options]\n"
+            "\n"
+            "Runs every scenario file (*.scn) under PATH (default: scenarios/) on every\n"
+            "backend it supports, each in its own child process with a watchdog.\n"
+            "\n"
+            "options:\n"
+            "  -b, --backend fake|proxy|all  backends to run (default: all)\n"
+            "  -f, --filter GLOB     only scenarios whose family/name matches, e.g. 'auth/*'\n"
+            "  -j, --jobs N          cases run in parallel (default: 1)\n"
+            "      --shard K/N       run only the Kth of N equal slices (CI sharding)\n"
+            "      --seed S          seed for randomized faults (default: 1)\n"
+            "      --junit FILE      JUnit XML path (default: REPORTS/junit.xml)\n"
+            "      --reports DIR     reports directory (default: reports)\n"
+            "      --tap             TAP 14 on stdout (and REPORTS/results.tap)\n"
+            "      --timeout SECONDS watchdog per case (default: 60)\n"
+            "      --server CONNINFO use an existing server for the proxy backend\n"
+            "                        (default: $PGFAULT_SERVER, else a throwaway one)\n"
+            "      --driver NAME     pool driver (default: pqpool)\n"
+            "  -v, --verbose         print each case's step-by-step trace\n"
+            "  -h, --help            this text\n");
+}
+
+static void usage_list(FILE *out)
+{
+    fprintf(out, "usage: pgfault list [PATH...] [-f GLOB]\n\n"
+                 "Lists scenarios: name, backends, and the incident each one models.\n");
+}
+
+/* Parses a whole positive number for option opt, or exits 2. */
+static long parse_positive(const char *cmd, const char *opt, const char *v, long max)
+{
+    char *end;
+    errno = 0;
+    long n = strtol(v, &end, 10);
+    if (end == v || *end || errno || n < 1 || n > max) {
+        fprintf(stderr, "pgfault %s: %s: expected a whole number from 1 to %ld, got '%s'\n", cmd,
+                opt, max, v);
+        exit(2);
+    }
+    return n;
+}
+
+static int cmd_run_or_list(int argc, char **argv, int list)
+{
+    const char *cmd = list ? "list" : "run";
+    struct runner_options o = {0};
+    o.backends = SCN_BACKEND_ALL;
+    o.jobs = 1;
+    o.seed = 1;
+    o.reports_dir = "reports";
+    o.driver = "pqpool";
+    o.case_timeout_ms = 60000;
+    o.server_conninfo = getenv("PGFAULT_SERVER");
+    if (o.server_conninfo && !*o.server_conninfo)
+        o.server_conninfo = NULL;
+
+    static const struct option longopts[] = {
+        {"backend", required_argument, NULL, 'b'}, {"filter", required_argument, NULL, 'f'},
+        {"jobs", required_argument, NULL, 'j'},    {"shard", required_argument, NULL, 1},
+        {"seed", required_argument, NULL, 2},      {"junit", required_argument, NULL, 3},
+        {"reports", required_argument, NULL, 4},   {"tap", no_argument, NULL, 5},
+        {"timeout", required_argument, NULL, 6},   {"server", required_argument, NULL, 7},
+        {"driver", required_argument, NULL, 8},    {"verbose", no_argument, NULL, 'v'},
+        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
+    };
+    optind = 1;
+    opterr = 0;
+    int ch;
+    while ((ch = getopt_long(argc, argv, "b:f:j:vh", longopts, NULL)) != -1) {
+        switch (ch) {
+        case 'b':
+            if (strcmp(optarg, "fake") == 0)
+                o.backends = SCN_BACKEND_FAKE;
+            else if (strcmp(optarg, "proxy") == 0)
+                o.backends = SCN_BACKEND_PROXY;
+            else if (strcmp(optarg, "all") == 0)
+                o.backends = SCN_BACKEND_ALL;
+            else {
+                fprintf(stderr, "pgfault %s: --backend: expected fake, proxy or all, got '%s'\n",
+                        cmd, optarg);
+                return 2;
+            }
+            break;
+        case 'f':
+            o.filter = optarg;
+            break;
+        case 'j':
+            o.jobs = (int)parse_positive(cmd, "--jobs", optarg, 64);
+            break;
+        case 1: {
+            int k, n, used = 0;
+            if (sscanf(optarg, "%d/%d%n", &k, &n, &used) != 2 || optarg[used] || n < 1 || k < 1 ||
+                k > n) {
+                fprintf(stderr, "pgfault %s: --shard: expected K/N with 1 <= K <= N, got '%s'\n",
+                        cmd, optarg);
+                return 2;
+            }
+            o.shard_k = k;
+            o.shard_n = n;
+            break;
+        }
+        case 2: {
+            char *end;
+            errno = 0;
+            o.seed = strtoul(optarg, &end, 10);
+            if (end == optarg || *end || errno) {
+                fprintf(stderr, "pgfault %s: --seed: expected a whole number, got '%s'\n", cmd,
+                        optarg);
+                return 2;
+            }
+            break;
+        }
+        case 3:
+            o.junit_path = optarg;
+            break;
+        case 4:
+            o.reports_dir = optarg;
+            break;
+        case 5:
+            o.tap = 1;
+            break;
+        case 6:
+            o.case_timeout_ms = (int)parse_positive(cmd, "--timeout", optarg, 3600) * 1000;
+            break;
+        case 7:
+            o.server_conninfo = optarg;
+            break;
+        case 8:
+            if (!driver_find(optarg)) {
+                fprintf(stderr, "pgfault %s: --driver: unknown driver '%s' (known:", cmd, optarg);
+                for (const char *const *d = driver_names(); *d; d++)
+                    fprintf(stderr, " %s", *d);
+                fprintf(stderr, ")\n");
+                return 2;
+            }
+            o.driver = optarg;
+            break;
+        case 'v':
+            o.verbose = 1;
+            break;
+        case 'h':
+            list ? usage_list(stdout) : usage_run(stdout);
+            return 0;
+        default:
+            if (optopt)
+                fprintf(stderr, "pgfault %s: option -%c %s\n", cmd, optopt,
+                        strchr("bfj", optopt) ? "needs a value" : "is unknown");
+            else
+                fprintf(stderr, "pgfault %s: unknown option '%s' or missing value\n", cmd,
+                        argv[optind - 1]);
+            fprintf(stderr, "try 'pgfault %s --help'\n", cmd);
+            return 2;
+        }
+    }
+    o.paths = (const char *const *)(argv + optind);
+    o.npaths = (size_t)(argc - optind);
+    return list ? runner_list(&o) : runner_run(&o);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage_main(stderr);
+        return 2;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "run") == 0)
+        return cmd_run_or_list(argc - 1, argv + 1, 0);
+    if (strcmp(cmd, "list") == 0)
+        return cmd_run_or_list(argc - 1, argv + 1, 1);
+    if (strcmp(cmd, "proxy") == 0)
+        return proxy_cli_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "-h") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "help") == 0) {
+        usage_main(stdout);
+        return 0;
+    }
+    if (strcmp(cmd, "--version") == 0) {
+        printf("pgfault %s\n", PGFAULT_VERSION);
+        return 0;
+    }
+    fprintf(stderr, "pgfault: unknown command '%s' (run, list, proxy; see 'pgfault --help')\n",
+            cmd);
+    return 2;
+}
