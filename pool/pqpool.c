@@ -1173,8 +1173,9 @@ int pqpool_acquire(struct pqpool *p, int timeout_ms, PGconn **out)
         timeout_ms = p->cfg.acquire_timeout_ms;
     /* now_ms() truncates, so the true start may be up to 1 ms after t0:
      * one more millisecond keeps the deadline from ever firing before
-     * timeout_ms has really passed (ETIMEDOUT must never come early). */
-    deadline = t0 + timeout_ms + 1;
+     * timeout_ms has really passed (ETIMEDOUT must never come early).
+     * A timeout of 0 keeps its meaning: only what is ready right now. */
+    deadline = t0 + timeout_ms + (timeout_ms > 0 ? 1 : 0);
     memset(&w, 0, sizeof w);
     if (pthread_cond_init(&w.cond, &p->condattr) != 0)
         return PQPOOL_ENOMEM;
