@@ -62,7 +62,6 @@ LIBPGFAULT_A := $(BUILD)/libpgfault-internal.a
 LIBPQPOOL_A := $(BUILD)/libpqpool.a
 LIBPQPOOL_SO := $(BUILD)/libpqpool.so
 PGFAULT := $(BUILD)/pgfault
-PQPOOL_PC := $(BUILD)/pqpool.pc
 
 # Everything that is not pqpool's production library links against fakepq
 # instead of libpq: the fake exports the PQ* symbols itself and reaches the
@@ -77,7 +76,7 @@ HARNESS_LIBS := -ldl -lm
 COVERAGE_LINES_MIN := 95
 COVERAGE_BRANCHES_MIN := 85
 
-all: deps-check $(LIBPQPOOL_A) $(LIBPQPOOL_SO) $(PQPOOL_PC) $(if $(wildcard harness/main.c),$(PGFAULT))
+all: deps-check $(LIBPQPOOL_A) $(LIBPQPOOL_SO) $(if $(wildcard harness/main.c),$(PGFAULT))
 
 deps:
 	@tools/deps.sh install
@@ -97,13 +96,6 @@ $(LIBPQPOOL_A): $(POOL_OBJS)
 $(LIBPQPOOL_SO): $(POOL_OBJS)
 	@mkdir -p $(dir $@)
 	$(CC) -shared -Wl,-soname,libpqpool.so.0 $(LDFLAGS_ALL) -o $@ $^ $(PQ_LIBS)
-
-$(PQPOOL_PC): Makefile
-	@mkdir -p $(dir $@)
-	printf '%s\n' 'prefix=$(PREFIX)' 'libdir=$${prefix}/lib' 'includedir=$${prefix}/include' '' \
-	  'Name: pqpool' 'Description: resilient libpq connection pool' 'Version: $(VERSION)' \
-	  'Requires.private: libpq' 'Libs: -L$${libdir} -lpqpool' 'Libs.private: -pthread' \
-	  'Cflags: -I$${includedir}' >$@
 
 # Binaries link against one archive of all modules, so each pulls in only
 # the objects it uses (a parser test does not need a server or the pool).
@@ -153,7 +145,11 @@ install: all
 	install -m 755 $(LIBPQPOOL_SO) $(DESTDIR)$(PREFIX)/lib/libpqpool.so.0
 	ln -sf libpqpool.so.0 $(DESTDIR)$(PREFIX)/lib/libpqpool.so
 	install -m 644 pool/pqpool.h $(DESTDIR)$(PREFIX)/include/
-	install -m 644 $(PQPOOL_PC) $(DESTDIR)$(PREFIX)/lib/pkgconfig/
+	@# pqpool.pc is written here so that it names the PREFIX installed to.
+	printf '%s\n' 'prefix=$(PREFIX)' 'libdir=$${prefix}/lib' 'includedir=$${prefix}/include' '' \
+	  'Name: pqpool' 'Description: resilient libpq connection pool' 'Version: $(VERSION)' \
+	  'Requires.private: libpq' 'Libs: -L$${libdir} -lpqpool' 'Libs.private: -pthread' \
+	  'Cflags: -I$${includedir}' >$(DESTDIR)$(PREFIX)/lib/pkgconfig/pqpool.pc
 	if [ -x $(PGFAULT) ]; then install -m 755 $(PGFAULT) $(DESTDIR)$(PREFIX)/bin/; fi
 
 FORMAT_SRCS = $(wildcard pool/*.[ch] fakes/*.[ch] harness/*.[ch] harness/drivers/*.[ch] tests/*.[ch])

@@ -190,11 +190,32 @@ static void test_max_connections(void **state)
     assert_int_equal(pgserver_set_max_connections(srv, 2, err, sizeof err), 0);
     assert_int_equal(pgserver_restart(srv, PGSERVER_STOP_FAST, err, sizeof err), 0);
     assert_int_equal(pgserver_conninfo(srv, ci, sizeof ci, NULL), 0);
-    /* max 2 with one slot reserved: the role gets one session... */
-    snprintf(cmd, sizeof cmd, "(echo 'SELECT 1;'; sleep 30) | psql -X -q '%s' >/dev/null 2>&1",
-             ci);
+    /* max 2 with one slot reserved: the role gets one session. The
+     * holder reports through its own output that it is in: a superuser
+     * query now could take the role's only slot (superusers may use any
+     * slot), so none runs until the holder has it. */
+    char mark[] = "/tmp/pgfault-test-holder-XXXXXX";
+    int mfd = mkstemp(mark);
+    assert_true(mfd >= 0);
+    close(mfd);
+    snprintf(cmd, sizeof cmd, "(echo 'SELECT 1;'; sleep 30) | psql -X -q -A -t '%s' >%s 2>&1",
+             ci, mark);
     spawn_holder(cmd);
-    assert_int_equal(wait_count(1, 5000), 1);
+    char got[64] = "";
+    double end = now_ms() + 10000;
+    while (strcmp(got, "1") != 0 && now_ms() < end) {
+        FILE *mf = fopen(mark, "r");
+        got[0] = '\0';
+        if (mf) {
+            if (fgets(got, sizeof got, mf))
+                got[strcspn(got, "\n")] = '\0';
+            fclose(mf);
+        }
+        if (strcmp(got, "1") != 0)
+            usleep(20000);
+    }
+    unlink(mark);
+    assert_string_equal(got, "1");
     /* ...the second is refused with 53300, and the harness still gets in. */
     psql(ci, "SELECT 1", out, sizeof out);
     assert_non_null(strstr(out, "remaining connection slots are reserved"));

@@ -14,8 +14,9 @@ for bin in "$@"; do
     out=$(mktemp)
     "$bin" 2>&1 | tee "$out"
     rc=${PIPESTATUS[0]}
-    p=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) test.*/\1/p' "$out" | tail -n1)
-    f=$(sed -n 's/^\[  FAILED  \] \([0-9]*\) test.*/\1/p' "$out" | tail -n1)
+    # A binary may run several cmocka groups: add up every group's line.
+    p=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) test.*/\1/p' "$out" | awk '{ s += $1 } END { if (NR) print s }')
+    f=$(sed -n 's/^\[  FAILED  \] \([0-9]*\) test.*/\1/p' "$out" | awk '{ s += $1 } END { if (NR) print s }')
     rm -f "$out"
     passed=$((passed + ${p:-0}))
     failed=$((failed + ${f:-0}))
