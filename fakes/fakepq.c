@@ -162,6 +162,8 @@ struct pg_conn {
     int partitioned;
     int saved_fd; /* passthrough partition: the real socket, kept */
     int die_after; /* an injected fatal error: the connection goes bad after it */
+    int fatal_read;    /* an idle FATAL was read ... */
+    int fatal_noticed; /* ... and parsed: passed to the notice receiver */
     char override_err[512]; /* passthrough: an injected failure's message */
     int connect_timeout_s;
     int outcome_counted;
@@ -625,25 +627,13 @@ static int sim_apply_break_locked(PGconn *c)
 {
     if (c->broken == BRK_NONE || c->status == CONNECTION_BAD)
         return c->status == CONNECTION_BAD;
-    if (c->broken == BRK_FATAL && !c->busy && (c->notice_rx || c->notice_proc)) {
-        /* Idle: libpq hands an unexpected ErrorResponse to the notice
-         * machinery, then reports the EOF that follows. */
-        PGresult *n = error_result_locked("FATAL", "57P01", ADMIN_MSG, NULL, c->verbosity,
-                                          "notice");
-        if (n) {
-            n->status = PGRES_NONFATAL_ERROR;
-            PQnoticeReceiver rx = c->notice_rx;
-            void *rxa = c->notice_rx_arg;
-            PQnoticeProcessor pr = c->notice_proc;
-            void *pra = c->notice_proc_arg;
-            pthread_mutex_unlock(&mu);
-            if (rx)
-                rx(rxa, n);
-            else if (pr)
-                pr(pra, n->message);
-            pthread_mutex_lock(&mu);
-            result_free_locked(n);
-        }
+    if (c->broken == BRK_FATAL && !c->busy && !c->fatal_read) {
+        /* Idle: like libpq, the first read only takes in the
+         * ErrorResponse (the connection still looks fine; the next parse
+         * hands it to the notice receiver) and the EOF behind it is seen
+         * by the next read. */
+        c->fatal_read = 1;
+        return 0;
     }
     if (c->busy) {
         pending_clear_locked(c);
@@ -672,6 +662,34 @@ static int sim_apply_break_locked(PGconn *c)
         close(c->fd);
     c->fd = -1;
     return 1;
+}
+
+/* What libpq's input parsing does with an idle FATAL already read: it goes
+ * to the notice receiver (or the default processor, which prints it). */
+static void sim_parse_locked(PGconn *c)
+{
+    if (!c->fatal_read || c->fatal_noticed)
+        return;
+    c->fatal_noticed = 1;
+    if (!c->notice_rx && !c->notice_proc) {
+        fprintf(stderr, "FATAL:  %s\n", ADMIN_MSG);
+        return;
+    }
+    PGresult *n = error_result_locked("FATAL", "57P01", ADMIN_MSG, NULL, c->verbosity, "notice");
+    if (!n)
+        return;
+    n->status = PGRES_NONFATAL_ERROR;
+    PQnoticeReceiver rx = c->notice_rx;
+    void *rxa = c->notice_rx_arg;
+    PQnoticeProcessor pr = c->notice_proc;
+    void *pra = c->notice_proc_arg;
+    pthread_mutex_unlock(&mu);
+    if (rx)
+        rx(rxa, n);
+    else if (pr)
+        pr(pra, n->message);
+    pthread_mutex_lock(&mu);
+    result_free_locked(n);
 }
 
 /* ---- Conninfo ------------------------------------------------------------------------------ */
@@ -1081,7 +1099,8 @@ static size_t fatal_57p01_bytes(char *buf, size_t len)
 /* Breaks one connection (mutex held). Returns 1 if it was affected. */
 static int break_one_locked(PGconn *c, enum fakepq_break how)
 {
-    if (c->kind == CONN_FAILED || c->status != CONNECTION_OK || c->broken != BRK_NONE)
+    ConnStatusType st = c->kind == CONN_REAL ? real.PQstatus(c->real) : c->status;
+    if (c->kind == CONN_FAILED || st != CONNECTION_OK || c->broken != BRK_NONE)
         return 0;
     if (how == FAKEPQ_BREAK_PARTITION && c->partitioned)
         return 0;
@@ -2125,6 +2144,7 @@ PGresult *PQgetResult(PGconn *c)
         pthread_mutex_unlock(&mu);
         return r;
     }
+    sim_parse_locked(c);
     r = sim_get_result_locked(c);
     if (r)
         r->creator = "PQgetResult";
@@ -2156,8 +2176,7 @@ int PQconsumeInput(PGconn *c)
     } else if (c->status != CONNECTION_OK) {
         ok = 0;
     } else if (c->broken != BRK_NONE) {
-        sim_apply_break_locked(c);
-        ok = 0;
+        ok = !sim_apply_break_locked(c);
     } else {
         drain_fd(c);
         ok = 1;
@@ -2182,6 +2201,7 @@ int PQisBusy(PGconn *c)
             pthread_mutex_lock(&mu);
         }
     } else {
+        sim_parse_locked(c);
         if (c->broken != BRK_NONE && c->busy)
             sim_apply_break_locked(c);
         busy = c->busy && !sim_ready_locked(c);
@@ -2652,6 +2672,9 @@ PGnotify *PQnotifies(PGconn *c)
         return NULL;
     if (c->kind == CONN_REAL)
         return real.PQnotifies(c->real);
+    pthread_mutex_lock(&mu);
+    sim_parse_locked(c);
+    pthread_mutex_unlock(&mu);
     return NULL;
 }
 
