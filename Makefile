@@ -23,7 +23,7 @@ VERSION := 0.1.0
 
 # One build directory per configuration, so sanitizer and coverage builds
 # never mix objects with the plain one.
-BUILD_KIND := $(if $(SANITIZE),$(subst $(comma),-,$(SANITIZE)),default)$(if $(COVERAGE),-coverage)
+BUILD_KIND := $(if $(SANITIZE),$(subst $(comma),-,$(SANITIZE)),default)$(if $(COVERAGE),-coverage)$(BUILD_TAG)
 BUILD := build/$(BUILD_KIND)
 
 # libpq flags come from pkg-config, falling back to pg_config. They are

@@ -787,8 +787,11 @@ int pgserver_terminate(struct pgserver *s, enum pgserver_which which, const char
     char where[800], sql[1024], out[64];
     backends_where(s, which, appname, where, sizeof where);
     snprintf(sql, sizeof sql,
-             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-             "WHERE %s",
+             /* With a timeout, pg_terminate_backend waits until the backend
+              * has exited (PostgreSQL 14+): its FATAL is on the wire when
+              * this returns, so the fault has taken effect. */
+             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 10000)) "
+             "FROM pg_stat_activity WHERE %s",
              where);
     if (sql_as_superuser(s, "postgres", sql, out, sizeof out, err, errlen) < 0)
         return -1;

@@ -111,7 +111,9 @@ enum pgserver_which {
 };
 
 /* pg_terminate_backend() on the role's client backends (never the admin
- * connection). Returns how many were terminated, or -1. */
+ * connection), waiting (up to 10 s) until each has exited, so its FATAL
+ * has been sent when this returns. Returns how many were terminated, or
+ * -1. */
 int pgserver_terminate(struct pgserver *s, enum pgserver_which which, const char *appname,
                        char *err, size_t errlen);
 
