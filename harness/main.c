@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "driver.h"
 #include "proxy_cli.h"
@@ -48,7 +49,8 @@ static void usage_run(FILE *out)
             "options:\n"
             "  -b, --backend fake|proxy|all  backends to run (default: all)\n"
             "  -f, --filter GLOB     only scenarios whose family/name matches, e.g. 'auth/*'\n"
-            "  -j, --jobs N          cases run in parallel (default: 1)\n"
+            "  -j, --jobs N          cases run in parallel (default: one per CPU, at most 8;\n"
+            "                        1 with -v or --server)\n"
             "      --shard K/N       run only the Kth of N equal slices (CI sharding)\n"
             "      --seed S          seed for randomized faults (default: 1)\n"
             "      --junit FILE      JUnit XML path (default: REPORTS/junit.xml)\n"
@@ -82,12 +84,24 @@ static long parse_positive(const char *cmd, const char *opt, const char *v, long
     return n;
 }
 
+/* Each proxy case gets its own throwaway server, so cases can overlap; most
+ * of a case's time is spent waiting on the server, not on the CPU. A -v run
+ * keeps one job so its trace streams live, and a shared --server keeps one
+ * so cases never see each other's backends. */
+static int default_jobs(const struct runner_options *o)
+{
+    if (o->verbose || o->server_conninfo)
+        return 1;
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > 8 ? 8 : (int)n;
+}
+
 static int cmd_run_or_list(int argc, char **argv, int list)
 {
     const char *cmd = list ? "list" : "run";
     struct runner_options o = {0};
     o.backends = SCN_BACKEND_ALL;
-    o.jobs = 1;
+    o.jobs = 0; /* chosen after the options: see default_jobs() */
     o.seed = 1;
     o.reports_dir = "reports";
     o.driver = "pqpool";
@@ -194,6 +208,8 @@ static int cmd_run_or_list(int argc, char **argv, int list)
             return 2;
         }
     }
+    if (o.jobs == 0)
+        o.jobs = default_jobs(&o);
     o.paths = (const char *const *)(argv + optind);
     o.npaths = (size_t)(argc - optind);
     return list ? runner_list(&o) : runner_run(&o);
