@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Proves the catalogue can fail: applies one deliberate breakage at a time
-# to pool/pqpool.c, rebuilds pgfault (into build/default-mutant), runs every
-# scenario on both backends and lists the scenarios that failed. A breakage
-# no scenario catches is a hole in the catalogue. pool/pqpool.c is restored
-# on exit, whatever happens.
+# to a copy of pool/pqpool.c in a scratch tree (the checkout is never
+# touched), rebuilds pgfault there, runs every scenario on both backends and
+# lists the scenarios that failed. A breakage no scenario catches, or a
+# scenario no breakage makes fail, is a hole in the catalogue. The scratch
+# tree is removed on exit, whatever happens.
 #
 # Usage: tools/break-pool.sh [NAME...]   (default: all breakages)
 set -u
-src=pool/pqpool.c
-orig=$(mktemp /tmp/pgfault-pqpool-orig-XXXXXX)
-cp "$src" "$orig"
-trap 'cp "$orig" "$src"; rm -f "$orig"' EXIT
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d /tmp/pgfault-mutant-XXXXXX)
+trap 'rm -rf "$work"' EXIT
 trap 'exit 130' INT TERM
+(cd "$root" && tar cf - --exclude=./build --exclude=./reports --exclude=./.git .) | tar xf - -C "$work"
+src=$work/pool/pqpool.c
+orig=$root/pool/pqpool.c
+cd "$work" || exit 1
 
 # name | perl substitution applied to pqpool.c | what it breaks
 mutants=(
@@ -20,12 +24,15 @@ mutants=(
 "ping-without-deadline|s/pdl = now \+ p->cfg.validation_timeout_ms;/pdl = deadline;/|the checkout ping waits out the whole acquire (pgx #2394)"
 "auth-is-transient|s/if \(a->cls == PQPOOL_FAIL_AUTH \|\| a->cls == PQPOOL_FAIL_CONFIG\) \{/if (0) {/; s/if \(a.cls == PQPOOL_FAIL_AUTH \|\| a.cls == PQPOOL_FAIL_CONFIG\) \{/if (0) {/|rejected credentials retried like network errors (HikariCP #282)"
 "no-auth-lockout|s/if \(a->cls == PQPOOL_FAIL_AUTH \|\| a->cls == PQPOOL_FAIL_CONFIG\) \{/if (0) {/|no lockout after an auth failure: housekeeping retries"
-"no-release-cleanup|s/reason = clean_for_reuse\(p, pc, &canceled, &rolled_back\);/reason = -1;/|released connections go back as they are"
+"no-release-cleanup|s/reason = clean_for_reuse\(p, pc, &canceled, &rolled_back\);/reason = 0 ? clean_for_reuse(p, pc, \&canceled, \&rolled_back) : -1;/|released connections go back as they are"
 "no-double-release-check|s/if \(pc->state != PC_INUSE\) \{/if (0) {/|a second release is taken as a release"
 "close-keeps-waiters|s/(void pqpool_close.*?)pthread_cond_signal\(&w->cond\);/\1;/s|close does not wake queued acquires"
-"no-fifo|s/(static int older_waiter_locked.*?)return 1;/\1return 0;/s|newcomers overtake queued waiters"
+"lifo-dispatch|s/struct waiter \*w = p->wq_head;\n(\s+)if \(p->idle_head\)/struct waiter *w = p->wq_tail;\n\1if (p->idle_head)/|a freed connection goes to the newest waiter"
+"release-no-wakeup|s/idle_push_front\(p, pc\);\n(\s+)dispatch_locked\(p\);/idle_push_front(p, pc);/|a release does not wake queued acquires (lost wakeup)"
+"eject-no-wakeup|s/eject_owned\(p, pc, reason, m, 1\);/eject_owned(p, pc, reason, m, 0);/|a slot freed by discarding or ejecting a returned connection wakes nobody"
+"capacity-ignores-connecting|s/p->n_idle \+ p->n_inuse \+ p->n_connecting < p->cfg.max_size/p->n_idle + p->n_inuse < p->cfg.max_size/|connects in flight are not counted against max_size"
 "init-sql-ignored|s/if \(p->init_sql\) \{/if (0) {/|init_sql never runs, so its failure goes unnoticed"
-"no-retry-in-deadline|s/w.retry_at = now \+ backoff_locked\(p, &step\);\n\s+continue;/rc = PQPOOL_ECONNECT;\n            break;/|a transient failure fails the acquire at once"
+"no-retry-in-deadline|s/w.retry_at = now \+ backoff_locked\(p, &step\);\n\s+continue;/(void)step;\n            rc = PQPOOL_ECONNECT;\n            break;/|a transient failure fails the acquire at once"
 "no-connect-timeout|s/int64_t cdl = now \+ p->cfg.connect_timeout_ms;/int64_t cdl = deadline;/|one connect attempt may use the whole acquire"
 "no-refill|s/p->n_idle \+ p->n_refilling >= p->cfg.min_idle/1/|housekeeping never refills to min_idle"
 )
@@ -47,18 +54,32 @@ for m in "${mutants[@]}"; do
         summary+=("$name: NOT APPLIED")
         continue
     fi
-    if ! make --no-print-directory BUILD_TAG=-mutant build/default-mutant/pgfault >/tmp/pgfault-mutant-build.log 2>&1; then
+    if ! make --no-print-directory build/default/pgfault >"$work/build.log" 2>&1; then
         echo "break-pool: $name: does not build" >&2
+        tail -20 "$work/build.log" >&2
         summary+=("$name: DOES NOT BUILD")
         continue
     fi
-    out=$(build/default-mutant/pgfault run --jobs 2 --reports /tmp/pgfault-mutant-reports 2>&1)
+    out=$(build/default/pgfault run --reports "$work/reports" 2>&1)
     caught=$(grep -E '^(FAIL|CRASH|HANG|ERROR) ' <<<"$out" | awk '{ print $2 "[" $3 "]" }' | tr '\n' ' ')
     echo "$name ($what): ${caught:-NOT CAUGHT}"
     summary+=("$name: ${caught:-NOT CAUGHT}")
+    for c in $caught; do
+        printf '%s %s\n' "${c%%\[*}" "$name" >>"$work/by-scenario"
+    done
 done
-cp "$orig" "$src"
-rm -rf /tmp/pgfault-mutant-reports
 echo
+echo "== by breakage"
 printf '%s\n' "${summary[@]}"
-! printf '%s\n' "${summary[@]}" | grep -q 'NOT CAUGHT\|NOT APPLIED\|DOES NOT BUILD'
+echo
+echo "== by scenario (the breakages each one caught)"
+bad=0
+if [ ${#want[@]} -eq 0 ]; then
+    for f in $(cd "$work/scenarios" && find . -name '*.scn' | sed 's|^\./||; s|\.scn$||' | sort); do
+        hits=$(awk -v s="$f" '$1 == s { print $2 }' "$work/by-scenario" 2>/dev/null | sort -u | tr '\n' ' ')
+        echo "$f: ${hits:-CAUGHT NOTHING}"
+        [ -n "$hits" ] || bad=1
+    done
+fi
+printf '%s\n' "${summary[@]}" | grep -q 'NOT CAUGHT\|NOT APPLIED\|DOES NOT BUILD' && bad=1
+exit $bad
