@@ -9,7 +9,12 @@ n=${1:-20}
 bin=${2:-build/default/pgfault}
 cores=$(nproc)
 hogs=()
-cleanup() { for h in "${hogs[@]}"; do kill "$h" 2>/dev/null; done; wait 2>/dev/null; }
+reports=$(mktemp -d /tmp/pgfault-stress-XXXXXX)
+cleanup() {
+    for h in "${hogs[@]}"; do kill "$h" 2>/dev/null; done
+    wait 2>/dev/null
+    rm -rf "$reports"
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 for ((i = 0; i < cores; i++)); do
@@ -21,7 +26,7 @@ bad=0
 declare -A flaky
 for ((r = 1; r <= n; r++)); do
     start=$(date +%s.%N)
-    out=$("$bin" run --reports /tmp/pgfault-stress-reports 2>&1)
+    out=$("$bin" run --reports "$reports" 2>&1)
     rc=$?
     took=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
     failed=$(grep -E '^(FAIL|CRASH|HANG|ERROR) ' <<<"$out" | awk '{ print $2 "[" $3 "]" }')
@@ -32,7 +37,6 @@ for ((r = 1; r <= n; r++)); do
     fi
     echo "stress: run $r/$n: exit $rc in ${took}s ${failed:+(failed: $(echo $failed))}"
 done
-rm -rf /tmp/pgfault-stress-reports
 echo "stress: $((n - bad)) clean, $bad with failures"
 for f in "${!flaky[@]}"; do echo "stress:   $f failed ${flaky[$f]} time(s)"; done
 [ "$bad" -eq 0 ]
