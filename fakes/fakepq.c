@@ -34,66 +34,66 @@
 /* ---- Real libpq -------------------------------------------------------------- */
 
 /* Every real function fakepq forwards to, loaded by name. */
-#define REAL_FUNCS(X)                                                                             \
-    X(PGconn *, PQconnectStartParams, (const char *const *, const char *const *, int))           \
-    X(PGconn *, PQconnectdbParams, (const char *const *, const char *const *, int))              \
-    X(PostgresPollingStatusType, PQconnectPoll, (PGconn *))                                       \
-    X(ConnStatusType, PQstatus, (const PGconn *))                                                 \
-    X(int, PQsocket, (const PGconn *))                                                            \
-    X(char *, PQerrorMessage, (const PGconn *))                                                   \
-    X(PGVerbosity, PQsetErrorVerbosity, (PGconn *, PGVerbosity))                                  \
-    X(void, PQfinish, (PGconn *))                                                                 \
-    X(void, PQreset, (PGconn *))                                                                  \
-    X(PGresult *, PQexec, (PGconn *, const char *))                                               \
-    X(PGresult *, PQexecParams,                                                                   \
-      (PGconn *, const char *, int, const Oid *, const char *const *, const int *, const int *,   \
-       int))                                                                                      \
-    X(int, PQsendQuery, (PGconn *, const char *))                                                 \
-    X(int, PQsendQueryParams,                                                                     \
-      (PGconn *, const char *, int, const Oid *, const char *const *, const int *, const int *,   \
-       int))                                                                                      \
-    X(PGresult *, PQgetResult, (PGconn *))                                                        \
-    X(int, PQconsumeInput, (PGconn *))                                                            \
-    X(int, PQisBusy, (PGconn *))                                                                  \
-    X(int, PQflush, (PGconn *))                                                                   \
-    X(int, PQsetnonblocking, (PGconn *, int))                                                     \
-    X(int, PQisnonblocking, (const PGconn *))                                                     \
-    X(ExecStatusType, PQresultStatus, (const PGresult *))                                         \
-    X(char *, PQresultErrorField, (const PGresult *, int))                                        \
-    X(char *, PQresultErrorMessage, (const PGresult *))                                           \
-    X(int, PQntuples, (const PGresult *))                                                         \
-    X(int, PQnfields, (const PGresult *))                                                         \
-    X(char *, PQfname, (const PGresult *, int))                                                   \
-    X(char *, PQgetvalue, (const PGresult *, int, int))                                           \
-    X(int, PQgetisnull, (const PGresult *, int, int))                                             \
-    X(int, PQgetlength, (const PGresult *, int, int))                                             \
-    X(char *, PQcmdStatus, (PGresult *))                                                          \
-    X(char *, PQcmdTuples, (PGresult *))                                                          \
-    X(void, PQclear, (PGresult *))                                                                \
-    X(PGTransactionStatusType, PQtransactionStatus, (const PGconn *))                             \
-    X(const char *, PQparameterStatus, (const PGconn *, const char *))                            \
-    X(int, PQserverVersion, (const PGconn *))                                                     \
-    X(int, PQprotocolVersion, (const PGconn *))                                                   \
-    X(int, PQbackendPID, (const PGconn *))                                                        \
-    X(PGPing, PQpingParams, (const char *const *, const char *const *, int))                      \
-    X(PGcancel *, PQgetCancel, (PGconn *))                                                        \
-    X(int, PQcancel, (PGcancel *, char *, int))                                                   \
-    X(void, PQfreeCancel, (PGcancel *))                                                           \
-    X(PQconninfoOption *, PQconninfoParse, (const char *, char **))                               \
-    X(void, PQconninfoFree, (PQconninfoOption *))                                                 \
-    X(int, PQconnectionUsedPassword, (const PGconn *))                                            \
-    X(char *, PQdb, (const PGconn *))                                                             \
-    X(char *, PQuser, (const PGconn *))                                                           \
-    X(char *, PQhost, (const PGconn *))                                                           \
-    X(char *, PQport, (const PGconn *))                                                           \
-    X(char *, PQpass, (const PGconn *))                                                           \
-    X(char *, PQescapeLiteral, (PGconn *, const char *, size_t))                                  \
-    X(char *, PQescapeIdentifier, (PGconn *, const char *, size_t))                               \
-    X(PQnoticeReceiver, PQsetNoticeReceiver, (PGconn *, PQnoticeReceiver, void *))                \
-    X(PQnoticeProcessor, PQsetNoticeProcessor, (PGconn *, PQnoticeProcessor, void *))           \
-    X(int, PQlibVersion, (void))                                                                  \
-    X(PGnotify *, PQnotifies, (PGconn *))                                                         \
-    X(PGpipelineStatus, PQpipelineStatus, (const PGconn *))                                       \
+#define REAL_FUNCS(X)                                                                              \
+    X(PGconn *, PQconnectStartParams, (const char *const *, const char *const *, int))             \
+    X(PGconn *, PQconnectdbParams, (const char *const *, const char *const *, int))                \
+    X(PostgresPollingStatusType, PQconnectPoll, (PGconn *))                                        \
+    X(ConnStatusType, PQstatus, (const PGconn *))                                                  \
+    X(int, PQsocket, (const PGconn *))                                                             \
+    X(char *, PQerrorMessage, (const PGconn *))                                                    \
+    X(PGVerbosity, PQsetErrorVerbosity, (PGconn *, PGVerbosity))                                   \
+    X(void, PQfinish, (PGconn *))                                                                  \
+    X(void, PQreset, (PGconn *))                                                                   \
+    X(PGresult *, PQexec, (PGconn *, const char *))                                                \
+    X(PGresult *, PQexecParams,                                                                    \
+      (PGconn *, const char *, int, const Oid *, const char *const *, const int *, const int *,    \
+       int))                                                                                       \
+    X(int, PQsendQuery, (PGconn *, const char *))                                                  \
+    X(int, PQsendQueryParams,                                                                      \
+      (PGconn *, const char *, int, const Oid *, const char *const *, const int *, const int *,    \
+       int))                                                                                       \
+    X(PGresult *, PQgetResult, (PGconn *))                                                         \
+    X(int, PQconsumeInput, (PGconn *))                                                             \
+    X(int, PQisBusy, (PGconn *))                                                                   \
+    X(int, PQflush, (PGconn *))                                                                    \
+    X(int, PQsetnonblocking, (PGconn *, int))                                                      \
+    X(int, PQisnonblocking, (const PGconn *))                                                      \
+    X(ExecStatusType, PQresultStatus, (const PGresult *))                                          \
+    X(char *, PQresultErrorField, (const PGresult *, int))                                         \
+    X(char *, PQresultErrorMessage, (const PGresult *))                                            \
+    X(int, PQntuples, (const PGresult *))                                                          \
+    X(int, PQnfields, (const PGresult *))                                                          \
+    X(char *, PQfname, (const PGresult *, int))                                                    \
+    X(char *, PQgetvalue, (const PGresult *, int, int))                                            \
+    X(int, PQgetisnull, (const PGresult *, int, int))                                              \
+    X(int, PQgetlength, (const PGresult *, int, int))                                              \
+    X(char *, PQcmdStatus, (PGresult *))                                                           \
+    X(char *, PQcmdTuples, (PGresult *))                                                           \
+    X(void, PQclear, (PGresult *))                                                                 \
+    X(PGTransactionStatusType, PQtransactionStatus, (const PGconn *))                              \
+    X(const char *, PQparameterStatus, (const PGconn *, const char *))                             \
+    X(int, PQserverVersion, (const PGconn *))                                                      \
+    X(int, PQprotocolVersion, (const PGconn *))                                                    \
+    X(int, PQbackendPID, (const PGconn *))                                                         \
+    X(PGPing, PQpingParams, (const char *const *, const char *const *, int))                       \
+    X(PGcancel *, PQgetCancel, (PGconn *))                                                         \
+    X(int, PQcancel, (PGcancel *, char *, int))                                                    \
+    X(void, PQfreeCancel, (PGcancel *))                                                            \
+    X(PQconninfoOption *, PQconninfoParse, (const char *, char **))                                \
+    X(void, PQconninfoFree, (PQconninfoOption *))                                                  \
+    X(int, PQconnectionUsedPassword, (const PGconn *))                                             \
+    X(char *, PQdb, (const PGconn *))                                                              \
+    X(char *, PQuser, (const PGconn *))                                                            \
+    X(char *, PQhost, (const PGconn *))                                                            \
+    X(char *, PQport, (const PGconn *))                                                            \
+    X(char *, PQpass, (const PGconn *))                                                            \
+    X(char *, PQescapeLiteral, (PGconn *, const char *, size_t))                                   \
+    X(char *, PQescapeIdentifier, (PGconn *, const char *, size_t))                                \
+    X(PQnoticeReceiver, PQsetNoticeReceiver, (PGconn *, PQnoticeReceiver, void *))                 \
+    X(PQnoticeProcessor, PQsetNoticeProcessor, (PGconn *, PQnoticeProcessor, void *))              \
+    X(int, PQlibVersion, (void))                                                                   \
+    X(PGnotify *, PQnotifies, (PGconn *))                                                          \
+    X(PGpipelineStatus, PQpipelineStatus, (const PGconn *))                                        \
     X(void, PQfreemem, (void *))
 
 #define DECLARE_REAL(ret, name, args) ret(*name) args;
@@ -148,8 +148,8 @@ struct pg_conn {
     int used_password;
     /* connect */
     enum sim_phase phase;
-    int fault;          /* enum fakepq_connect_fault, or -1 */
-    int64_t ready_ms;   /* connect: when the server answers (-1: never) */
+    int fault;        /* enum fakepq_connect_fault, or -1 */
+    int64_t ready_ms; /* connect: when the server answers (-1: never) */
     int counted_backend;
     /* queries */
     PGTransactionStatusType tx;
@@ -160,10 +160,10 @@ struct pg_conn {
     /* faults */
     enum { BRK_NONE, BRK_FATAL, BRK_EOF } broken;
     int partitioned;
-    int saved_fd; /* passthrough partition: the real socket, kept */
-    int die_after; /* an injected fatal error: the connection goes bad after it */
-    int fatal_read;    /* an idle FATAL was read ... */
-    int fatal_noticed; /* ... and parsed: passed to the notice receiver */
+    int saved_fd;           /* passthrough partition: the real socket, kept */
+    int die_after;          /* an injected fatal error: the connection goes bad after it */
+    int fatal_read;         /* an idle FATAL was read ... */
+    int fatal_noticed;      /* ... and parsed: passed to the notice receiver */
     char override_err[512]; /* passthrough: an injected failure's message */
     int connect_timeout_s;
     int outcome_counted;
@@ -256,13 +256,13 @@ static int load_real_locked(char *err, size_t errlen)
             snprintf(err, errlen, "dlopen libpq.so.5: %s", dlerror());
         return -1;
     }
-#define LOAD_REAL(ret, name, args)                                                                \
-    *(void **)(&real.name) = dlsym(h, #name);                                                     \
-    if (!real.name) {                                                                             \
-        if (err)                                                                                  \
-            snprintf(err, errlen, "dlsym %s: not found in libpq.so.5", #name);                   \
-        dlclose(h);                                                                               \
-        return -1;                                                                                \
+#define LOAD_REAL(ret, name, args)                                                                 \
+    *(void **)(&real.name) = dlsym(h, #name);                                                      \
+    if (!real.name) {                                                                              \
+        if (err)                                                                                   \
+            snprintf(err, errlen, "dlsym %s: not found in libpq.so.5", #name);                     \
+        dlclose(h);                                                                                \
+        return -1;                                                                                 \
     }
     REAL_FUNCS(LOAD_REAL)
     real_handle = h;
@@ -303,11 +303,11 @@ static long trace_locked(const char *fn, int conn_id, const char *fmt, ...)
     return c->seq;
 }
 
-#define TRACE(fn, conn, ...)                                                                      \
-    do {                                                                                          \
-        pthread_mutex_lock(&mu);                                                                  \
-        trace_locked(fn, conn ? (conn)->id : 0, __VA_ARGS__);                                     \
-        pthread_mutex_unlock(&mu);                                                                \
+#define TRACE(fn, conn, ...)                                                                       \
+    do {                                                                                           \
+        pthread_mutex_lock(&mu);                                                                   \
+        trace_locked(fn, conn ? (conn)->id : 0, __VA_ARGS__);                                      \
+        pthread_mutex_unlock(&mu);                                                                 \
     } while (0)
 
 static long count_call_locked(const char *fn)
@@ -424,8 +424,8 @@ static int sqlstate_fatal(const char *s)
 
 /* An error result as libpq formats it for the given verbosity. */
 static PGresult *error_result_locked(const char *severity, const char *sqlstate,
-                                     const char *primary, const char *extra_lines,
-                                     PGVerbosity v, const char *creator)
+                                     const char *primary, const char *extra_lines, PGVerbosity v,
+                                     const char *creator)
 {
     PGresult *r = result_new_locked(PGRES_FATAL_ERROR, creator);
     if (!r)
@@ -638,8 +638,8 @@ static int sim_apply_break_locked(PGconn *c)
     if (c->busy) {
         pending_clear_locked(c);
         if (c->broken == BRK_FATAL) {
-            PGresult *r = error_result_locked("FATAL", "57P01", ADMIN_MSG, NULL, c->verbosity,
-                                              "PQgetResult");
+            PGresult *r =
+                error_result_locked("FATAL", "57P01", ADMIN_MSG, NULL, c->verbosity, "PQgetResult");
             if (r)
                 pending_push_locked(c, r);
             snprintf(c->errmsg, sizeof c->errmsg, "FATAL:  %s\n%s", ADMIN_MSG, EOF_MSG);
@@ -975,11 +975,25 @@ int fakepq_fault_connect(enum fakepq_connect_fault kind, int nth, int count, int
     return add_rule(&r, nth, count);
 }
 
-static const char *const known_funcs[] = {
-    "PQconnectStartParams", "PQconnectStart", "PQconnectPoll", "PQconnectdb", "PQconnectdbParams",
-    "PQexec", "PQexecParams", "PQsendQuery", "PQsendQueryParams", "PQgetResult",
-    "PQconsumeInput", "PQisBusy", "PQflush", "PQreset", "PQping", "PQpingParams", "PQcancel",
-    "PQsetnonblocking", NULL};
+static const char *const known_funcs[] = {"PQconnectStartParams",
+                                          "PQconnectStart",
+                                          "PQconnectPoll",
+                                          "PQconnectdb",
+                                          "PQconnectdbParams",
+                                          "PQexec",
+                                          "PQexecParams",
+                                          "PQsendQuery",
+                                          "PQsendQueryParams",
+                                          "PQgetResult",
+                                          "PQconsumeInput",
+                                          "PQisBusy",
+                                          "PQflush",
+                                          "PQreset",
+                                          "PQping",
+                                          "PQpingParams",
+                                          "PQcancel",
+                                          "PQsetnonblocking",
+                                          NULL};
 
 static int known_function(const char *fn)
 {
@@ -1075,8 +1089,13 @@ void fakepq_heal(void)
 /* The ErrorResponse a server sends before closing for 57P01. */
 static size_t fatal_57p01_bytes(char *buf, size_t len)
 {
-    const char *fields[][2] = {{"S", "FATAL"}, {"V", "FATAL"}, {"C", "57P01"}, {"M", ADMIN_MSG},
-                               {"F", "postgres.c"}, {"L", "3200"}, {"R", "ProcessInterrupts"}};
+    const char *fields[][2] = {{"S", "FATAL"},
+                               {"V", "FATAL"},
+                               {"C", "57P01"},
+                               {"M", ADMIN_MSG},
+                               {"F", "postgres.c"},
+                               {"L", "3200"},
+                               {"R", "ProcessInterrupts"}};
     size_t n = 5;
     for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
         size_t fl = strlen(fields[i][1]);
@@ -1470,8 +1489,7 @@ static void connect_sync(PGconn *c)
     }
 }
 
-PGconn *PQconnectdbParams(const char *const *keywords, const char *const *values,
-                          int expand_dbname)
+PGconn *PQconnectdbParams(const char *const *keywords, const char *const *values, int expand_dbname)
 {
     PGconn *c = connect_start("PQconnectdbParams", keywords, values, expand_dbname, 1);
     if (c && c->kind != CONN_REAL)
@@ -1613,7 +1631,8 @@ void PQreset(PGconn *c)
     connect_sync(c);
 }
 
-/* ---- Simulated SQL ------------------------------------------------------------------------------ */
+/* ---- Simulated SQL ------------------------------------------------------------------------------
+ */
 
 static void lower_word(const char *s, char *out, size_t len)
 {
@@ -1703,7 +1722,8 @@ static PGresult *sim_statement_locked(PGconn *c, const char *sql, int *delay_ms)
         } else if (strspn(lower, "0123456789") == strlen(lower) && lower[0]) {
             r = tuples_locked("?column?", lower);
         }
-    } else if ((strcmp(w, "begin") == 0) || (strcmp(w, "start") == 0 && strcmp(w2, "transaction") == 0)) {
+    } else if ((strcmp(w, "begin") == 0) ||
+               (strcmp(w, "start") == 0 && strcmp(w2, "transaction") == 0)) {
         if (c->tx == PQTRANS_INTRANS)
             notice_locked(c, "there is already a transaction in progress");
         c->tx = PQTRANS_INTRANS;
@@ -1908,7 +1928,8 @@ static PGresult *sim_get_result_locked(PGconn *c)
     return NULL;
 }
 
-/* ---- Query functions ------------------------------------------------------------------------------ */
+/* ---- Query functions
+ * ------------------------------------------------------------------------------ */
 
 static const char *status_name(ExecStatusType s)
 {
@@ -2244,7 +2265,8 @@ int PQisnonblocking(const PGconn *c)
     return c->nonblocking;
 }
 
-/* ---- Results ------------------------------------------------------------------------------------------ */
+/* ---- Results
+ * ------------------------------------------------------------------------------------------ */
 
 ExecStatusType PQresultStatus(const PGresult *r)
 {
@@ -2255,11 +2277,11 @@ ExecStatusType PQresultStatus(const PGresult *r)
 
 char *PQresStatus(ExecStatusType s)
 {
-    static char *const names[] = {"PGRES_EMPTY_QUERY", "PGRES_COMMAND_OK", "PGRES_TUPLES_OK",
-                                  "PGRES_COPY_OUT", "PGRES_COPY_IN", "PGRES_BAD_RESPONSE",
-                                  "PGRES_NONFATAL_ERROR", "PGRES_FATAL_ERROR", "PGRES_COPY_BOTH",
-                                  "PGRES_SINGLE_TUPLE", "PGRES_PIPELINE_SYNC",
-                                  "PGRES_PIPELINE_ABORTED"};
+    static char *const names[] = {
+        "PGRES_EMPTY_QUERY",    "PGRES_COMMAND_OK",    "PGRES_TUPLES_OK",
+        "PGRES_COPY_OUT",       "PGRES_COPY_IN",       "PGRES_BAD_RESPONSE",
+        "PGRES_NONFATAL_ERROR", "PGRES_FATAL_ERROR",   "PGRES_COPY_BOTH",
+        "PGRES_SINGLE_TUPLE",   "PGRES_PIPELINE_SYNC", "PGRES_PIPELINE_ABORTED"};
     return (unsigned)s < sizeof names / sizeof names[0] ? names[s] : "invalid ExecStatusType code";
 }
 
@@ -2375,7 +2397,8 @@ void PQclear(PGresult *r)
         real.PQclear(realres);
 }
 
-/* ---- Connection facts --------------------------------------------------------------------------------- */
+/* ---- Connection facts
+ * --------------------------------------------------------------------------------- */
 
 PGTransactionStatusType PQtransactionStatus(const PGconn *c)
 {
@@ -2455,14 +2478,14 @@ int PQconnectionUsedPassword(const PGconn *c)
     return c->used_password;
 }
 
-#define SIM_FIELD(fn, field)                                                                      \
-    char *fn(const PGconn *c)                                                                     \
-    {                                                                                             \
-        if (!c)                                                                                   \
-            return NULL;                                                                          \
-        if (c->kind == CONN_REAL)                                                                 \
-            return real.fn(c->real);                                                              \
-        return (char *)c->field;                                                                  \
+#define SIM_FIELD(fn, field)                                                                       \
+    char *fn(const PGconn *c)                                                                      \
+    {                                                                                              \
+        if (!c)                                                                                    \
+            return NULL;                                                                           \
+        if (c->kind == CONN_REAL)                                                                  \
+            return real.fn(c->real);                                                               \
+        return (char *)c->field;                                                                   \
     }
 SIM_FIELD(PQdb, dbname)
 SIM_FIELD(PQuser, user)
@@ -2470,7 +2493,8 @@ SIM_FIELD(PQhost, host)
 SIM_FIELD(PQport, port)
 SIM_FIELD(PQpass, password)
 
-/* ---- Pings, cancel, conninfo, misc --------------------------------------------------------------- */
+/* ---- Pings, cancel, conninfo, misc
+ * --------------------------------------------------------------- */
 
 static PGPing ping_fault(int fault)
 {

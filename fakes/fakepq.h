@@ -187,16 +187,16 @@ enum fakepq_outcome {
 };
 
 struct fakepq_counters {
-    long connect_attempts;                 /* every attempt, faulted or not */
+    long connect_attempts; /* every attempt, faulted or not */
     long connect_outcomes[FAKEPQ_OUT__COUNT];
-    long live_conns;       /* PGconn objects not yet PQfinish'ed */
-    long backends;         /* live conns the server side still serves (not broken) */
-    long finished;         /* PQfinish calls on valid PGconn objects */
-    long double_finishes;  /* PQfinish on an already finished PGconn */
-    long queries;          /* as counted for fakepq_fault_query_delay */
-    long results_live;     /* PGresult objects not yet PQclear'ed */
-    long calls;            /* every PQ* call */
-    long faults_fired;     /* rule applications */
+    long live_conns;      /* PGconn objects not yet PQfinish'ed */
+    long backends;        /* live conns the server side still serves (not broken) */
+    long finished;        /* PQfinish calls on valid PGconn objects */
+    long double_finishes; /* PQfinish on an already finished PGconn */
+    long queries;         /* as counted for fakepq_fault_query_delay */
+    long results_live;    /* PGresult objects not yet PQclear'ed */
+    long calls;           /* every PQ* call */
+    long faults_fired;    /* rule applications */
 };
 
 /* Copies the counters. */

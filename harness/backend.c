@@ -26,13 +26,13 @@ struct backend {
     enum scn_backend kind;
     char conninfo[512];
     char password[128];
-    int stop_rule;            /* fake: the refuse rule of `fault stop`, 0 if none */
-    struct pgserver *server;  /* proxy: the current server (owned unless external) */
+    int stop_rule;           /* fake: the refuse rule of `fault stop`, 0 if none */
+    struct pgserver *server; /* proxy: the current server (owned unless external) */
     struct pgserver *servers[2];
     int nservers;
-    int current;              /* index of the server the proxy points at */
+    int current; /* index of the server the proxy points at */
     struct fproxy *proxy;
-    char *external;           /* --server conninfo */
+    char *external; /* --server conninfo */
 };
 
 __attribute__((format(printf, 3, 4))) static int say(char *msg, size_t len, const char *fmt, ...)
@@ -75,8 +75,8 @@ static int server_settings(const struct scn *s, int *max_connections, char *msg,
                            s->path, st->line, st->col, st->value);
             *max_connections = (int)v;
         } else {
-            return err(msg, len, "%s:%d:%d: unknown server setting '%s' (max_connections)",
-                       s->path, st->line, st->col, st->key);
+            return err(msg, len, "%s:%d:%d: unknown server setting '%s' (max_connections)", s->path,
+                       st->line, st->col, st->key);
         }
     }
     return 0;
@@ -92,8 +92,7 @@ static int proxy_cmd(struct backend *b, char *msg, size_t len, const char *fmt, 
     va_start(ap, fmt);
     vsnprintf(line, sizeof line, fmt, ap);
     va_end(ap);
-    if (fproxy_command(b->proxy, line, reply, sizeof reply) < 0 ||
-        strncmp(reply, "ok", 2) != 0)
+    if (fproxy_command(b->proxy, line, reply, sizeof reply) < 0 || strncmp(reply, "ok", 2) != 0)
         return err(msg, len, "proxy '%s': %s", line, reply);
     return say(msg, len, "proxy: %s -> %s", line, reply);
 }
@@ -149,8 +148,9 @@ int backend_open(const struct backend_options *o, struct backend **out, char *ms
         /* An existing server: faults that change the server itself fail
          * at the step, naming the reason; failover needs two servers. */
         if (scenario_needs_failover(o->scn) || maxc) {
-            err(msg, len, "this scenario %s, which needs throwaway servers; it cannot run "
-                          "with --server",
+            err(msg, len,
+                "this scenario %s, which needs throwaway servers; it cannot run "
+                "with --server",
                 scenario_needs_failover(o->scn) ? "fails over" : "sets max_connections");
             goto fail;
         }
@@ -197,7 +197,7 @@ const char *backend_password(const struct backend *b)
 
 static enum fakepq_target fake_target(const struct scn_fault *f)
 {
-    return f->target == SCN_TARGET_IDLE  ? FAKEPQ_TARGET_IDLE
+    return f->target == SCN_TARGET_IDLE   ? FAKEPQ_TARGET_IDLE
            : f->target == SCN_TARGET_CONN ? FAKEPQ_TARGET_ONE
                                           : FAKEPQ_TARGET_ALL;
 }
@@ -214,8 +214,8 @@ static int fakepq_fault(const struct scn_fault *f, PGconn *conn, char *msg, size
     int n;
     switch (f->kind) {
     case SCN_FAULT_CONNECT: {
-        static const char *const words[] = {"refused", "hang", "slow", "auth", "hba",
-                                            "no-database", "too-many", "starting-up"};
+        static const char *const words[] = {"refused", "hang",        "slow",     "auth",
+                                            "hba",     "no-database", "too-many", "starting-up"};
         for (int k = 0; k < 8; k++) {
             if (strcmp(words[k], f->word) == 0) {
                 if (fakepq_fault_connect((enum fakepq_connect_fault)k, f->nth, f->count,
@@ -237,8 +237,7 @@ static int fakepq_fault(const struct scn_fault *f, PGconn *conn, char *msg, size
         return say(msg, len, "libpq: %s will %s", f->function,
                    strcmp(f->word, "fail") == 0 ? "fail" : "return an error");
     case SCN_FAULT_SLOW_CONNECT:
-        if (fakepq_fault_connect(FAKEPQ_CONNECT_SLOW, FAKEPQ_NEXT, FAKEPQ_ALL, f->duration_ms) <
-            0)
+        if (fakepq_fault_connect(FAKEPQ_CONNECT_SLOW, FAKEPQ_NEXT, FAKEPQ_ALL, f->duration_ms) < 0)
             return err(msg, len, "fakepq rejected the slow-connect fault");
         return say(msg, len, "libpq: new connections take %dms", f->duration_ms);
     default:
@@ -340,14 +339,12 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
                 return err(msg, len, "%s", e);
             return say(msg, len, "server: backend %d terminated", PQbackendPID(conn));
         }
-        n = pgserver_terminate(s,
-                               f->target == SCN_TARGET_IDLE ? PGSERVER_BACKENDS_IDLE
-                                                            : PGSERVER_BACKENDS_ALL,
-                               NULL, e, sizeof e);
+        n = pgserver_terminate(
+            s, f->target == SCN_TARGET_IDLE ? PGSERVER_BACKENDS_IDLE : PGSERVER_BACKENDS_ALL, NULL,
+            e, sizeof e);
         if (n < 0)
             return err(msg, len, "%s", e);
-        return say(msg, len, "server: pg_terminate_backend on %d %s backend(s)", n,
-                   target_word(f));
+        return say(msg, len, "server: pg_terminate_backend on %d %s backend(s)", n, target_word(f));
     case SCN_FAULT_DROP:
         if (f->target == SCN_TARGET_CONN) {
             fakepq_break(FAKEPQ_TARGET_ONE, fakepq_conn_id(conn), FAKEPQ_BREAK_EOF);
@@ -400,8 +397,7 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
             return err(msg, len, "no second server (internal: failover not detected at setup)");
         b->current = 1 - b->current;
         s = current_server(b);
-        return proxy_cmd(b, msg, len, "retarget %s:%d reset", pgserver_host(s),
-                         pgserver_port(s));
+        return proxy_cmd(b, msg, len, "retarget %s:%d reset", pgserver_host(s), pgserver_port(s));
     }
     case SCN_FAULT_SERVER_PASSWORD:
         for (int i = 0; i < b->nservers; i++)
@@ -426,8 +422,7 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
     return err(msg, len, "the proxy backend cannot do fault '%s'", scn_fault_name(f->kind));
 }
 
-int backend_fault(struct backend *b, const struct scn_fault *f, PGconn *conn, char *msg,
-                  size_t len)
+int backend_fault(struct backend *b, const struct scn_fault *f, PGconn *conn, char *msg, size_t len)
 {
     if (b->kind == SCN_BACKEND_FAKE)
         return fake_fault(b, f, conn, msg, len);
@@ -443,15 +438,16 @@ int backend_heal(struct backend *b, char *msg, size_t len)
     return proxy_cmd(b, msg, len, "heal");
 }
 
-int backend_metric(struct backend *b, const char *source, const char *name, long long *v,
-                   char *msg, size_t len)
+int backend_metric(struct backend *b, const char *source, const char *name, long long *v, char *msg,
+                   size_t len)
 {
     struct fakepq_counters fc;
     if (strcmp(source, "libpq") == 0 ||
         (strcmp(source, "server") == 0 && b->kind == SCN_BACKEND_FAKE)) {
         fakepq_get_counters(&fc);
         static const char *const outs[FAKEPQ_OUT__COUNT] = {
-            "ok", "refused", "auth", "no_database", "too_many", "starting_up", "abandoned", "other"};
+            "ok",       "refused",     "auth",      "no_database",
+            "too_many", "starting_up", "abandoned", "other"};
         if (strcmp(name, "connect_attempts") == 0)
             *v = fc.connect_attempts;
         else if (strcmp(name, "live_conns") == 0)
@@ -473,9 +469,10 @@ int backend_metric(struct backend *b, const char *source, const char *name, long
                     return 0;
                 }
             }
-            return err(msg, len, "%s.%s: unknown (connect_ok, connect_refused, connect_auth, "
-                                 "connect_no_database, connect_too_many, connect_starting_up, "
-                                 "connect_abandoned, connect_other)",
+            return err(msg, len,
+                       "%s.%s: unknown (connect_ok, connect_refused, connect_auth, "
+                       "connect_no_database, connect_too_many, connect_starting_up, "
+                       "connect_abandoned, connect_other)",
                        source, name);
         } else
             return err(msg, len,

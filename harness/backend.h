@@ -28,7 +28,7 @@ struct backend;
 
 struct backend_options {
     enum scn_backend kind;
-    const struct scn *scn;      /* for server settings and whether a second server is needed */
+    const struct scn *scn;       /* for server settings and whether a second server is needed */
     const char *server_conninfo; /* proxy: use this existing server instead of a throwaway one */
     unsigned long seed;          /* proxy jitter */
 };

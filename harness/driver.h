@@ -34,8 +34,8 @@ enum driver_outcome {
 
 /* What the runner gives a driver when opening a pool. */
 struct driver_open_args {
-    const char *conninfo;                /* the backend's server, without a password */
-    const struct scn_setting *settings;  /* the scenario's `pool` line */
+    const char *conninfo;               /* the backend's server, without a password */
+    const struct scn_setting *settings; /* the scenario's `pool` line */
     size_t nsettings;
     /* Returns the password to use for the next new connection; the driver
      * must call it for every connection it opens (rotation scenarios). */
@@ -62,8 +62,8 @@ struct driver_ops {
     /* Acquires a connection; timeout_ms < 0 means the pool's configured
      * default. On DRIVER_OK *out is the connection; otherwise err (may be
      * NULL) gets the pool's message. */
-    enum driver_outcome (*acquire)(struct driver_pool *p, int timeout_ms, PGconn **out,
-                                   char *err, size_t errlen);
+    enum driver_outcome (*acquire)(struct driver_pool *p, int timeout_ms, PGconn **out, char *err,
+                                   size_t errlen);
 
     /* Gives a connection back, or discards it as broken. Both must cope
      * with a connection the pool did not hand out or already took back. */

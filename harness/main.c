@@ -25,43 +25,41 @@
 
 static void usage_main(FILE *out)
 {
-    fprintf(out,
-            "usage: pgfault COMMAND [options]\n"
-            "\n"
-            "Resilience tests for PostgreSQL connection pools.\n"
-            "\n"
-            "commands:\n"
-            "  run [PATH...]    run scenarios (default: scenarios/); exit 0 only if all pass\n"
-            "  list [PATH...]   list scenarios with their backends and descriptions\n"
-            "  proxy            run the TCP fault proxy in front of a server\n"
-            "\n"
-            "'pgfault COMMAND --help' describes a command's options.\n");
+    fprintf(out, "usage: pgfault COMMAND [options]\n"
+                 "\n"
+                 "Resilience tests for PostgreSQL connection pools.\n"
+                 "\n"
+                 "commands:\n"
+                 "  run [PATH...]    run scenarios (default: scenarios/); exit 0 only if all pass\n"
+                 "  list [PATH...]   list scenarios with their backends and descriptions\n"
+                 "  proxy            run the TCP fault proxy in front of a server\n"
+                 "\n"
+                 "'pgfault COMMAND --help' describes a command's options.\n");
 }
 
 static void usage_run(FILE *out)
 {
-    fprintf(out,
-            "usage: pgfault run [PATH...] [options]\n"
-            "\n"
-            "Runs every scenario file (*.scn) under PATH (default: scenarios/) on every\n"
-            "backend it supports, each in its own child process with a watchdog.\n"
-            "\n"
-            "options:\n"
-            "  -b, --backend fake|proxy|all  backends to run (default: all)\n"
-            "  -f, --filter GLOB     only scenarios whose family/name matches, e.g. 'auth/*'\n"
-            "  -j, --jobs N          cases run in parallel (default: one per CPU, at most 8;\n"
-            "                        1 with -v or --server)\n"
-            "      --shard K/N       run only the Kth of N equal slices (CI sharding)\n"
-            "      --seed S          seed for randomized faults (default: 1)\n"
-            "      --junit FILE      JUnit XML path (default: REPORTS/junit.xml)\n"
-            "      --reports DIR     reports directory (default: reports)\n"
-            "      --tap             TAP 14 on stdout (and REPORTS/results.tap)\n"
-            "      --timeout SECONDS watchdog per case (default: 60)\n"
-            "      --server CONNINFO use an existing server for the proxy backend\n"
-            "                        (default: $PGFAULT_SERVER, else a throwaway one)\n"
-            "      --driver NAME     pool driver (default: pqpool)\n"
-            "  -v, --verbose         print each case's step-by-step trace\n"
-            "  -h, --help            this text\n");
+    fprintf(out, "usage: pgfault run [PATH...] [options]\n"
+                 "\n"
+                 "Runs every scenario file (*.scn) under PATH (default: scenarios/) on every\n"
+                 "backend it supports, each in its own child process with a watchdog.\n"
+                 "\n"
+                 "options:\n"
+                 "  -b, --backend fake|proxy|all  backends to run (default: all)\n"
+                 "  -f, --filter GLOB     only scenarios whose family/name matches, e.g. 'auth/*'\n"
+                 "  -j, --jobs N          cases run in parallel (default: one per CPU, at most 8;\n"
+                 "                        1 with -v or --server)\n"
+                 "      --shard K/N       run only the Kth of N equal slices (CI sharding)\n"
+                 "      --seed S          seed for randomized faults (default: 1)\n"
+                 "      --junit FILE      JUnit XML path (default: REPORTS/junit.xml)\n"
+                 "      --reports DIR     reports directory (default: reports)\n"
+                 "      --tap             TAP 14 on stdout (and REPORTS/results.tap)\n"
+                 "      --timeout SECONDS watchdog per case (default: 60)\n"
+                 "      --server CONNINFO use an existing server for the proxy backend\n"
+                 "                        (default: $PGFAULT_SERVER, else a throwaway one)\n"
+                 "      --driver NAME     pool driver (default: pqpool)\n"
+                 "  -v, --verbose         print each case's step-by-step trace\n"
+                 "  -h, --help            this text\n");
 }
 
 static void usage_list(FILE *out)

@@ -59,8 +59,8 @@ struct pgserver {
     int max_connections;
     int started; /* started by us and not stopped since */
     struct reaper reaper;
-    char host[256];     /* attached: the server's host */
-    char *attached;     /* attached: the conninfo given (owned), else NULL */
+    char host[256]; /* attached: the server's host */
+    char *attached; /* attached: the conninfo given (owned), else NULL */
 };
 
 /* The per-process template: made once, shared by every cluster. */
@@ -445,10 +445,20 @@ static int make_template_locked(const struct pgserver_options *o, char *err, siz
     snprintf(data, sizeof data, "%s/data", dir);
     bin(initdb, sizeof initdb, "initdb");
     bin(postgres, sizeof postgres, "postgres");
-    char *const initdb_argv[] = {initdb,         "-D",        data,         "-U",
-                                 SUPERUSER,      "-A",        "trust",      "--auth-host=scram-sha-256",
-                                 "-E",           "UTF8",      "--locale=C", "--no-sync",
-                                 "--no-instructions", NULL};
+    char *const initdb_argv[] = {initdb,
+                                 "-D",
+                                 data,
+                                 "-U",
+                                 SUPERUSER,
+                                 "-A",
+                                 "trust",
+                                 "--auth-host=scram-sha-256",
+                                 "-E",
+                                 "UTF8",
+                                 "--locale=C",
+                                 "--no-sync",
+                                 "--no-instructions",
+                                 NULL};
     int rc = run(initdb_argv, NULL, out, sizeof out, CMD_TIMEOUT_MS, e, sizeof e);
     if (rc != 0) {
         fail(err, errlen, "initdb: %s", rc < 0 ? e : tail(out, 3));
@@ -474,8 +484,8 @@ static int make_template_locked(const struct pgserver_options *o, char *err, siz
     quote_ident(db, sizeof db, o->dbname);
     snprintf(sql, sizeof sql, "CREATE ROLE %s LOGIN PASSWORD %s\nCREATE DATABASE %s OWNER %s\n",
              role, pw, db, role);
-    char *const single_argv[] = {postgres, "--single", "-D", data, "-c", "fsync=off", "postgres",
-                                 NULL};
+    char *const single_argv[] = {postgres, "--single",  "-D",       data,
+                                 "-c",     "fsync=off", "postgres", NULL};
     rc = run(single_argv, sql, out, sizeof out, CMD_TIMEOUT_MS, e, sizeof e);
     if (rc != 0 || strstr(out, "ERROR:")) {
         fail(err, errlen, "creating role %s: %s", o->user, rc < 0 ? e : tail(out, 3));
@@ -596,10 +606,12 @@ static int sql_as_superuser(struct pgserver *s, const char *db, const char *sql,
     char psql[PATH_MAX + 16], port[16], text[OUT_MAX], e[512];
     bin(psql, sizeof psql, "psql");
     snprintf(port, sizeof port, "%d", s->port);
-    char *const argv[] = {psql, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", s->dir,
-                          "-p", port, "-U", SUPERUSER, "-d", (char *)db, "-c", (char *)sql, NULL};
-    char *const attached_argv[] = {psql, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-                                   "-d", s->attached, "-c", (char *)sql, NULL};
+    char *const argv[] = {psql,       "-X",   "-q",        "-A", "-t", "-v",      "ON_ERROR_STOP=1",
+                          "-h",       s->dir, "-p",        port, "-U", SUPERUSER, "-d",
+                          (char *)db, "-c",   (char *)sql, NULL};
+    char *const attached_argv[] = {
+        psql, "-X",        "-q", "-A",        "-t", "-v", "ON_ERROR_STOP=1",
+        "-d", s->attached, "-c", (char *)sql, NULL};
     int rc = run(s->attached ? attached_argv : argv, NULL, text, sizeof text, CMD_TIMEOUT_MS, e,
                  sizeof e);
     if (rc != 0)
@@ -628,8 +640,8 @@ static int fix_identity(struct pgserver *s, char *err, size_t errlen)
     snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_roles WHERE rolname = %s", lit);
     if (sql_as_superuser(s, "postgres", sql, have, sizeof have, err, errlen) < 0)
         return -1;
-    snprintf(sql, sizeof sql, "%s ROLE %s LOGIN PASSWORD %s", atoi(have) ? "ALTER" : "CREATE",
-             role, pw);
+    snprintf(sql, sizeof sql, "%s ROLE %s LOGIN PASSWORD %s", atoi(have) ? "ALTER" : "CREATE", role,
+             pw);
     if (sql_as_superuser(s, "postgres", sql, NULL, 0, err, errlen) < 0)
         return -1;
     quote_literal(lit, sizeof lit, s->dbname);
@@ -644,12 +656,13 @@ static int fix_identity(struct pgserver *s, char *err, size_t errlen)
     return 0;
 }
 
-#define NOT_ATTACHED(s, what)                                                                 \
-    do {                                                                                      \
-        if ((s)->attached)                                                                    \
-            return fail(err, errlen, "%s needs a throwaway server; this one was given with "  \
-                                     "--server and is never changed",                         \
-                        what);                                                                \
+#define NOT_ATTACHED(s, what)                                                                      \
+    do {                                                                                           \
+        if ((s)->attached)                                                                         \
+            return fail(err, errlen,                                                               \
+                        "%s needs a throwaway server; this one was given with "                    \
+                        "--server and is never changed",                                           \
+                        what);                                                                     \
     } while (0)
 
 int pgserver_start(struct pgserver *s, char *err, size_t errlen)
@@ -670,8 +683,8 @@ int pgserver_start(struct pgserver *s, char *err, size_t errlen)
         snprintf(opts, sizeof opts,
                  "-p %d -k %s -c max_connections=%d -c superuser_reserved_connections=1", s->port,
                  s->dir, s->max_connections);
-        char *const argv[] = {pg_ctl, "-D", s->data, "-l", s->log, "-w", "-t", "60", "-o", opts,
-                              "start", NULL};
+        char *const argv[] = {pg_ctl, "-D", s->data, "-l", s->log,  "-w",
+                              "-t",   "60", "-o",    opts, "start", NULL};
         int rc = run(argv, NULL, out, sizeof out, CMD_TIMEOUT_MS + 5000, e, sizeof e);
         if (rc == 0) {
             s->started = 1;
@@ -701,7 +714,7 @@ int pgserver_stop(struct pgserver *s, enum pgserver_stop_mode mode, char *err, s
     NOT_ATTACHED(s, "stopping the server");
     char pg_ctl[PATH_MAX + 16], out[OUT_MAX], e[512];
     bin(pg_ctl, sizeof pg_ctl, "pg_ctl");
-    const char *m = mode == PGSERVER_STOP_SMART ? "smart"
+    const char *m = mode == PGSERVER_STOP_SMART  ? "smart"
                     : mode == PGSERVER_STOP_FAST ? "fast"
                                                  : "immediate";
     char *const argv[] = {pg_ctl, "-D", s->data, "-m", (char *)m, "-w", "-t", "60", "stop", NULL};
@@ -756,9 +769,9 @@ const char *pgserver_dir(const struct pgserver *s)
 
 int pgserver_conninfo(const struct pgserver *s, char *buf, size_t len, const char *extra)
 {
-    int n = snprintf(buf, len, "host=%s port=%d user=%s password=%s dbname=%s%s%s",
-                     pgserver_host(s), s->port, s->user, s->password, s->dbname,
-                     extra ? " " : "", extra ? extra : "");
+    int n =
+        snprintf(buf, len, "host=%s port=%d user=%s password=%s dbname=%s%s%s", pgserver_host(s),
+                 s->port, s->user, s->password, s->dbname, extra ? " " : "", extra ? extra : "");
     return n < 0 || (size_t)n >= len ? -1 : 0;
 }
 
@@ -769,8 +782,8 @@ int pgserver_sql(struct pgserver *s, const char *sql, char *out, size_t outlen, 
 }
 
 /* The WHERE clause selecting the role's client backends. */
-static void backends_where(const struct pgserver *s, enum pgserver_which which,
-                           const char *appname, char *buf, size_t len)
+static void backends_where(const struct pgserver *s, enum pgserver_which which, const char *appname,
+                           char *buf, size_t len)
 {
     char user[200], app[320] = "";
     quote_literal(user, sizeof user, s->user);
@@ -831,8 +844,9 @@ int pgserver_set_max_connections(struct pgserver *s, int n, char *err, size_t er
 {
     NOT_ATTACHED(s, "changing max_connections");
     if (n < 2 || n > 10000)
-        return fail(err, errlen, "max_connections %d: must be 2..10000 (one slot is reserved for "
-                                 "the superuser)",
+        return fail(err, errlen,
+                    "max_connections %d: must be 2..10000 (one slot is reserved for "
+                    "the superuser)",
                     n);
     s->max_connections = n;
     return 0;
@@ -872,8 +886,9 @@ int pgserver_attach(const char *conninfo, struct pgserver **out, char *err, size
             snprintf(s->dbname, sizeof s->dbname, "%s", eq);
     }
     if (!s->host[0] || s->port <= 0 || !s->user[0] || !s->dbname[0]) {
-        fail(err, errlen, "--server needs host, port, user and dbname (and password), e.g. "
-                          "'host=127.0.0.1 port=5432 user=app password=secret dbname=app'");
+        fail(err, errlen,
+             "--server needs host, port, user and dbname (and password), e.g. "
+             "'host=127.0.0.1 port=5432 user=app password=secret dbname=app'");
         goto fail;
     }
     char out_text[64];

@@ -54,7 +54,7 @@ static int split_hostport(const char *s, char *host, size_t hostlen, int *port)
 int proxy_cli_main(int argc, char **argv)
 {
     static const struct option longopts[] = {
-        {"listen", required_argument, NULL, 'l'}, {"upstream", required_argument, NULL, 'u'},
+        {"listen", required_argument, NULL, 'l'},  {"upstream", required_argument, NULL, 'u'},
         {"control", required_argument, NULL, 'c'}, {"seed", required_argument, NULL, 's'},
         {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
     };
@@ -142,8 +142,8 @@ int proxy_cli_main(int argc, char **argv)
         fprintf(stderr, "pgfault proxy: %s\n", err);
         return 1;
     }
-    printf("pgfault proxy: listening on %s:%d, upstream %s:%d, control %s\n", lhost,
-           fproxy_port(p), uhost, cfg.upstream_port, cfg.control_path);
+    printf("pgfault proxy: listening on %s:%d, upstream %s:%d, control %s\n", lhost, fproxy_port(p),
+           uhost, cfg.upstream_port, cfg.control_path);
     fflush(stdout);
     int sig = 0;
     sigwait(&stop, &sig);

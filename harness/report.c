@@ -72,8 +72,9 @@ int report_junit(const char *path, const struct runner_case *cases, size_t n, do
     fprintf(f, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     fprintf(f, "<testsuites name=\"pgfault\" tests=\"%zu\" failures=\"%zu\" time=\"%.3f\">\n", n,
             failed, total_ms / 1000.0);
-    fprintf(f, "  <testsuite name=\"pgfault\" tests=\"%zu\" failures=\"%zu\" errors=\"0\" "
-               "skipped=\"0\" time=\"%.3f\">\n",
+    fprintf(f,
+            "  <testsuite name=\"pgfault\" tests=\"%zu\" failures=\"%zu\" errors=\"0\" "
+            "skipped=\"0\" time=\"%.3f\">\n",
             n, failed, total_ms / 1000.0);
     for (size_t i = 0; i < n; i++) {
         const struct runner_case *c = &cases[i];
@@ -166,8 +167,8 @@ static void md_cell(FILE *out, const char *s)
     }
 }
 
-int report_summary_md(const char *path, const struct runner_case *cases, size_t n,
-                      double total_ms, char *err, size_t errlen)
+int report_summary_md(const char *path, const struct runner_case *cases, size_t n, double total_ms,
+                      char *err, size_t errlen)
 {
     FILE *f = fopen(path, "w");
     if (!f) {
@@ -260,8 +261,7 @@ static int tl_lane(const char *kind)
 {
     if (strcmp(kind, "acquire") == 0)
         return LANE_ACQUIRE;
-    if (strcmp(kind, "query") == 0 || strcmp(kind, "release") == 0 ||
-        strcmp(kind, "discard") == 0)
+    if (strcmp(kind, "query") == 0 || strcmp(kind, "release") == 0 || strcmp(kind, "discard") == 0)
         return LANE_QUERY;
     if (strcmp(kind, "fault") == 0 || strcmp(kind, "heal") == 0 || strcmp(kind, "close") == 0 ||
         strcmp(kind, "fail") == 0)
@@ -413,8 +413,9 @@ int report_html(const char *path, const struct runner_case *cases, size_t n, dou
             "width:10px;height:10px;margin-right:4px;vertical-align:middle}\n"
             "</style></head><body>\n",
             n - failed, failed);
-    fprintf(f, "<h1>pgfault resilience run</h1>\n<p class=\"sum\"><span class=\"%s\">%s</span>: "
-               "%zu passed, %zu failed, %zu cases in %.1fs.</p>\n",
+    fprintf(f,
+            "<h1>pgfault resilience run</h1>\n<p class=\"sum\"><span class=\"%s\">%s</span>: "
+            "%zu passed, %zu failed, %zu cases in %.1fs.</p>\n",
             failed ? "FAIL" : "PASS", failed ? "FAILED" : "PASSED", n - failed, failed, n,
             total_ms / 1000.0);
     fprintf(f, "<p class=\"legend\">"

@@ -27,8 +27,8 @@ int report_junit(const char *path, const struct runner_case *cases, size_t n, do
 void report_tap(FILE *out, const struct runner_case *cases, size_t n);
 
 /* A Markdown summary: totals, then a table of cases with failures first. */
-int report_summary_md(const char *path, const struct runner_case *cases, size_t n,
-                      double total_ms, char *err, size_t errlen) REPORT_MUSTCHECK;
+int report_summary_md(const char *path, const struct runner_case *cases, size_t n, double total_ms,
+                      char *err, size_t errlen) REPORT_MUSTCHECK;
 
 /* A self-contained HTML page (no script, no network): one row per case,
  * failures first, with status, duration, a link to its trace and an inline

@@ -288,9 +288,8 @@ static void last_step(const char *trace, char *out, size_t len)
     }
 }
 
-static void collect(const struct runner_options *o, struct runner_case *c, int wstatus,
-                    int hung, const char *trace_path, const char *timeline_path,
-                    const char *result_path)
+static void collect(const struct runner_options *o, struct runner_case *c, int wstatus, int hung,
+                    const char *trace_path, const char *timeline_path, const char *result_path)
 {
     c->trace = read_file(trace_path);
     c->timeline = read_file(timeline_path);

@@ -20,34 +20,34 @@
 struct runner_options {
     const char *const *paths; /* files or directories (searched for *.scn) */
     size_t npaths;
-    unsigned backends;        /* enum scn_backend mask */
-    const char *filter;       /* fnmatch glob on "family/name" or NULL */
-    int jobs;                 /* parallel cases, >= 1 */
-    int shard_k, shard_n;     /* run cases with index % n == k - 1; n == 0: all */
+    unsigned backends;    /* enum scn_backend mask */
+    const char *filter;   /* fnmatch glob on "family/name" or NULL */
+    int jobs;             /* parallel cases, >= 1 */
+    int shard_k, shard_n; /* run cases with index % n == k - 1; n == 0: all */
     unsigned long seed;
-    const char *reports_dir;  /* junit.xml, summary.md, traces/ go here */
-    const char *junit_path;   /* NULL: <reports_dir>/junit.xml */
-    int tap;                  /* write TAP 14 to stdout instead of the live lines */
-    int verbose;              /* print each case's trace as it completes */
-    const char *driver;       /* "pqpool" */
+    const char *reports_dir;     /* junit.xml, summary.md, traces/ go here */
+    const char *junit_path;      /* NULL: <reports_dir>/junit.xml */
+    int tap;                     /* write TAP 14 to stdout instead of the live lines */
+    int verbose;                 /* print each case's trace as it completes */
+    const char *driver;          /* "pqpool" */
     const char *server_conninfo; /* --server / PGFAULT_SERVER, or NULL */
-    int case_timeout_ms;      /* watchdog per case */
+    int case_timeout_ms;         /* watchdog per case */
 };
 
 enum runner_status { RUNNER_PASS, RUNNER_FAIL, RUNNER_CRASH, RUNNER_HANG, RUNNER_ERROR };
 
 /* The verdict of one case, as the reporters see it. */
 struct runner_case {
-    char name[128];     /* family/name */
-    char path[512];     /* scenario file */
+    char name[128]; /* family/name */
+    char path[512]; /* scenario file */
     char description[512];
     enum scn_backend backend;
     enum runner_status status;
     double duration_ms;
-    int line;           /* scenario line of the failure (0: none / implicit check) */
+    int line; /* scenario line of the failure (0: none / implicit check) */
     char message[1024];
-    char *trace;        /* the whole trace text (owned) */
-    char *timeline;     /* the case's timeline records (owned, may be NULL); see steps.h */
+    char *trace;          /* the whole trace text (owned) */
+    char *timeline;       /* the case's timeline records (owned, may be NULL); see steps.h */
     char trace_file[600]; /* where the trace was saved under reports_dir */
 };
 

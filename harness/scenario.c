@@ -143,8 +143,8 @@ unsigned scn_fault_backends(enum scn_fault_kind kind)
 
 /* ---- Errors and hints ---------------------------------------------------- */
 
-__attribute__((format(printf, 3, 4))) static int fail_at(struct parser *p, int col,
-                                                         const char *fmt, ...)
+__attribute__((format(printf, 3, 4))) static int fail_at(struct parser *p, int col, const char *fmt,
+                                                         ...)
 {
     char msg[512];
     va_list ap;
@@ -205,8 +205,7 @@ static const char *closest(const char *word, const char *const *cands, size_t n)
 }
 
 /* Formats " (did you mean 'x'?)" or "" into buf. */
-static const char *hint(char *buf, size_t len, const char *word, const char *const *cands,
-                        size_t n)
+static const char *hint(char *buf, size_t len, const char *word, const char *const *cands, size_t n)
 {
     const char *c = closest(word, cands, n);
     if (c)
@@ -358,8 +357,8 @@ static int parse_name(struct parser *p, const struct token *t, char *out)
         return fail_at(p, t->col, "'%s' is not a name (start with a letter)", s);
     for (const char *c = s; *c; c++)
         if (!isalnum((unsigned char)*c) && *c != '_' && *c != '-')
-            return fail_at(p, t->col + (int)(c - s), "'%s' is not a name (letters, digits, _ and -)",
-                           s);
+            return fail_at(p, t->col + (int)(c - s),
+                           "'%s' is not a name (letters, digits, _ and -)", s);
     if (strlen(s) >= SCN_NAME_MAX)
         return fail_at(p, t->col, "name '%s' is too long", s);
     strcpy(out, s);
@@ -667,16 +666,15 @@ static int parse_fault(struct parser *p, struct token *tok, int n, struct scn_st
         char where[48] = "";
         if (p->backends_line)
             snprintf(where, sizeof where, " (backends, line %d)", p->backends_line);
-        return fail_at(p, tok[1].col,
-                       "fault '%s' needs the %s backend, but this scenario also runs on %s%s; "
-                       "restrict it with 'backends %s'",
-                       tok[1].s, scn_backend_name(can == SCN_BACKEND_PROXY ? SCN_BACKEND_PROXY
-                                                                           : SCN_BACKEND_FAKE),
-                       scn_backend_name(cannot & SCN_BACKEND_FAKE ? SCN_BACKEND_FAKE
-                                                                  : SCN_BACKEND_PROXY),
-                       where,
-                       scn_backend_name(can == SCN_BACKEND_PROXY ? SCN_BACKEND_PROXY
-                                                                 : SCN_BACKEND_FAKE));
+        return fail_at(
+            p, tok[1].col,
+            "fault '%s' needs the %s backend, but this scenario also runs on %s%s; "
+            "restrict it with 'backends %s'",
+            tok[1].s,
+            scn_backend_name(can == SCN_BACKEND_PROXY ? SCN_BACKEND_PROXY : SCN_BACKEND_FAKE),
+            scn_backend_name(cannot & SCN_BACKEND_FAKE ? SCN_BACKEND_FAKE : SCN_BACKEND_PROXY),
+            where,
+            scn_backend_name(can == SCN_BACKEND_PROXY ? SCN_BACKEND_PROXY : SCN_BACKEND_FAKE));
     }
     int i = 2;
     long long v;
@@ -708,8 +706,7 @@ static int parse_fault(struct parser *p, struct token *tok, int n, struct scn_st
             if (strcmp(tok[i].s, "immediate") == 0)
                 f->immediate = 1;
             else if (strcmp(tok[i].s, "fast") != 0)
-                return fail_at(p, tok[i].col, "expected 'fast' or 'immediate', got '%s'",
-                               tok[i].s);
+                return fail_at(p, tok[i].col, "expected 'fast' or 'immediate', got '%s'", tok[i].s);
             i++;
         }
         break;
@@ -727,8 +724,9 @@ static int parse_fault(struct parser *p, struct token *tok, int n, struct scn_st
         break;
     case SCN_FAULT_CONNECT: {
         if (i >= n)
-            return fail_at(p, tok[1].col, "'connect' needs a kind: refused, hang, slow, auth, "
-                                          "hba, no-database, too-many, starting-up");
+            return fail_at(p, tok[1].col,
+                           "'connect' needs a kind: refused, hang, slow, auth, "
+                           "hba, no-database, too-many, starting-up");
         size_t nw = sizeof connect_fault_words / sizeof connect_fault_words[0] - 1;
         if (word_index(tok[i].s, connect_fault_words, nw) < 0) {
             char h[64];
@@ -781,13 +779,11 @@ static int parse_fault(struct parser *p, struct token *tok, int n, struct scn_st
 static int parse_cond(struct parser *p, struct token *tok, int n, int i, struct scn_cond *c)
 {
     if (i + 3 > n)
-        return fail_at(p, tok[0].col, "usage: %s METRIC OP VALUE (e.g. pool.idle == 2)",
-                       tok[0].s);
+        return fail_at(p, tok[0].col, "usage: %s METRIC OP VALUE (e.g. pool.idle == 2)", tok[0].s);
     const char *m = tok[i].s;
     const char *dot = strchr(m, '.');
     if (!dot || !dot[1] || strlen(m) >= sizeof c->metric)
-        return fail_at(p, tok[i].col, "'%s' is not a metric (e.g. pool.idle, server.backends)",
-                       m);
+        return fail_at(p, tok[i].col, "'%s' is not a metric (e.g. pool.idle, server.backends)", m);
     char src[SCN_NAME_MAX];
     snprintf(src, sizeof src, "%.*s", (int)(dot - m), m);
     static const char *const sources[] = {"pool", "server", "libpq", "proxy"};
@@ -853,8 +849,7 @@ static int parse_step(struct parser *p, int kind, struct token *tok, int n, stru
                 return -1;
             w = find_name(p, st->name);
             if (p->name_kind[w] != NAME_BACKGROUND)
-                return fail_at(p, tok[1].col, "'%s' was not acquired in the background",
-                               st->name);
+                return fail_at(p, tok[1].col, "'%s' was not acquired in the background", st->name);
             p->name_kind[w] = NAME_CONN;
         }
         return parse_options(p, tok, n, 2, 4, st);
@@ -914,7 +909,8 @@ static int parse_step(struct parser *p, int kind, struct token *tok, int n, stru
     case SCN_STEP_WORKERS:
         /* workers NAME N for D [hold D] [timeout=D] */
         if (n < 5 || strcmp(tok[3].s, "for") != 0)
-            return fail_at(p, tok[0].col, "usage: workers NAME N for DURATION [hold D] [timeout=D]");
+            return fail_at(p, tok[0].col,
+                           "usage: workers NAME N for DURATION [hold D] [timeout=D]");
         if (parse_name(p, &tok[1], st->name) < 0 || parse_int(p, &tok[2], 1, 256, &v) < 0 ||
             parse_duration(p, &tok[4], &st->duration_ms) < 0)
             return -1;
@@ -1004,8 +1000,7 @@ static void add_description(struct scn *s, const char *line)
     s->description = d;
 }
 
-int scn_parse_string(const char *path, const char *text, struct scn **out, char *err,
-                     size_t errlen)
+int scn_parse_string(const char *path, const char *text, struct scn **out, char *err, size_t errlen)
 {
     *out = NULL;
     struct scn *s = calloc(1, sizeof *s);
@@ -1111,8 +1106,8 @@ int scn_parse_string(const char *path, const char *text, struct scn **out, char 
     for (int i = 0; i < p->nnames; i++) {
         if (p->name_kind[i] == NAME_BACKGROUND || p->name_kind[i] == NAME_QUEUE) {
             snprintf(err, errlen, "%s: %s '%s' is never waited for (add 'wait %s')", path,
-                     p->name_kind[i] == NAME_QUEUE ? "queue" : "background acquire",
-                     p->names[i], p->names[i]);
+                     p->name_kind[i] == NAME_QUEUE ? "queue" : "background acquire", p->names[i],
+                     p->names[i]);
             goto fail;
         }
     }

@@ -63,22 +63,22 @@ enum scn_outcome {
  * and to proxy/server actions on the proxy backend; scn_fault_backends()
  * says which backends can do which. */
 enum scn_fault_kind {
-    SCN_FAULT_KILL,           /* FATAL 57P01 to backends (target) */
-    SCN_FAULT_DROP,           /* silent drop: EOF / RST, no message (target) */
-    SCN_FAULT_PARTITION,      /* stop answering, keep sockets open (target) */
-    SCN_FAULT_REFUSE,         /* new connections refused */
-    SCN_FAULT_HANG_CONNECT,   /* new connections never complete */
-    SCN_FAULT_SLOW_CONNECT,   /* new connections take duration */
-    SCN_FAULT_LATENCY,        /* every round trip / query takes duration */
-    SCN_FAULT_RESTART,        /* server restart (mode fast|immediate) */
-    SCN_FAULT_STOP,           /* server down (mode fast|immediate) until `fault start` */
-    SCN_FAULT_START,          /* server back up */
-    SCN_FAULT_FAILOVER,       /* switch to the second server (proxy: retarget + reset) */
+    SCN_FAULT_KILL,            /* FATAL 57P01 to backends (target) */
+    SCN_FAULT_DROP,            /* silent drop: EOF / RST, no message (target) */
+    SCN_FAULT_PARTITION,       /* stop answering, keep sockets open (target) */
+    SCN_FAULT_REFUSE,          /* new connections refused */
+    SCN_FAULT_HANG_CONNECT,    /* new connections never complete */
+    SCN_FAULT_SLOW_CONNECT,    /* new connections take duration */
+    SCN_FAULT_LATENCY,         /* every round trip / query takes duration */
+    SCN_FAULT_RESTART,         /* server restart (mode fast|immediate) */
+    SCN_FAULT_STOP,            /* server down (mode fast|immediate) until `fault start` */
+    SCN_FAULT_START,           /* server back up */
+    SCN_FAULT_FAILOVER,        /* switch to the second server (proxy: retarget + reset) */
     SCN_FAULT_SERVER_PASSWORD, /* change the role's password on the server */
     SCN_FAULT_MAX_CONNECTIONS, /* server max_connections = number */
-    SCN_FAULT_CONNECT,        /* fakepq connect fault: word (refused, auth, ...), nth, count */
-    SCN_FAULT_CALL,           /* fakepq call fault: function, nth, count, fail or sqlstate */
-    SCN_FAULT_INJECT,         /* proxy: inject FATAL sqlstate into target connections */
+    SCN_FAULT_CONNECT,         /* fakepq connect fault: word (refused, auth, ...), nth, count */
+    SCN_FAULT_CALL,            /* fakepq call fault: function, nth, count, fail or sqlstate */
+    SCN_FAULT_INJECT,          /* proxy: inject FATAL sqlstate into target connections */
     SCN_FAULT__COUNT
 };
 
@@ -168,10 +168,10 @@ struct scn_setting {
 };
 
 struct scn {
-    char *path;              /* as given to scn_parse_file (owned) */
-    char name[128];          /* family/name */
-    char *description;       /* the leading comment block, joined (owned, may be "") */
-    unsigned backends;       /* enum scn_backend mask */
+    char *path;        /* as given to scn_parse_file (owned) */
+    char name[128];    /* family/name */
+    char *description; /* the leading comment block, joined (owned, may be "") */
+    unsigned backends; /* enum scn_backend mask */
     struct scn_setting *pool;
     size_t npool;
     struct scn_setting *server;

@@ -32,8 +32,8 @@
 /* A named connection: the result of an acquire step. */
 struct slot {
     char name[SCN_NAME_MAX];
-    PGconn *conn;  /* last connection it held (kept after release for "again") */
-    int held;      /* currently checked out */
+    PGconn *conn; /* last connection it held (kept after release for "again") */
+    int held;     /* currently checked out */
     enum driver_outcome outcome;
     double elapsed_ms;
     char err[256];
@@ -96,7 +96,8 @@ static void sleep_ms(double ms)
 {
     if (ms <= 0)
         return;
-    struct timespec ts = {(time_t)(ms / 1000), (long)((ms - (double)(long)(ms / 1000) * 1000) * 1e6)};
+    struct timespec ts = {(time_t)(ms / 1000),
+                          (long)((ms - (double)(long)(ms / 1000) * 1000) * 1e6)};
     while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
         ;
 }
@@ -104,7 +105,7 @@ static void sleep_ms(double ms)
 /* One trace line: time since the start, a tag (a scenario line number,
  * "event", "check"), then the text. */
 __attribute__((format(printf, 3, 4))) static void trace(struct ctx *c, const char *tag,
-                                                         const char *fmt, ...)
+                                                        const char *fmt, ...)
 {
     char text[1200];
     va_list ap;
@@ -120,9 +121,8 @@ __attribute__((format(printf, 3, 4))) static void trace(struct ctx *c, const cha
 /* One timeline record: an interval (start < end) or a point. Kinds the
  * report knows: acquire, query, release, discard, fault, heal, close,
  * fail, and the first word of each pool event (connected, ejected, ...). */
-__attribute__((format(printf, 5, 6))) static void timeline(struct ctx *c, double start_ms,
-                                                            double end_ms, const char *kind,
-                                                            const char *fmt, ...)
+__attribute__((format(printf, 5, 6))) static void
+timeline(struct ctx *c, double start_ms, double end_ms, const char *kind, const char *fmt, ...)
 {
     if (!c->o->timeline)
         return;
@@ -135,14 +135,12 @@ __attribute__((format(printf, 5, 6))) static void timeline(struct ctx *c, double
         if (*p == '\t' || *p == '\n')
             *p = ' ';
     pthread_mutex_lock(&c->lock);
-    fprintf(c->o->timeline, "%.3f\t%.3f\t%s\t%s\n", start_ms - c->t0, end_ms - c->t0, kind,
-            label);
+    fprintf(c->o->timeline, "%.3f\t%.3f\t%s\t%s\n", start_ms - c->t0, end_ms - c->t0, kind, label);
     fflush(c->o->timeline);
     pthread_mutex_unlock(&c->lock);
 }
 
-__attribute__((format(printf, 3, 4))) static int fail(struct ctx *c, int line, const char *fmt,
-                                                       ...)
+__attribute__((format(printf, 3, 4))) static int fail(struct ctx *c, int line, const char *fmt, ...)
 {
     if (!c->r->passed)
         return -1; /* keep the first failure */
@@ -251,8 +249,8 @@ static int check_acquire(struct ctx *c, const struct scn_step *st, const struct 
         return fail(c, st->line, "acquire %s: took %.1fms, bound is within %dms", s->name,
                     s->elapsed_ms, st->within_ms);
     if (st->not_before_ms >= 0 && s->elapsed_ms < st->not_before_ms)
-        return fail(c, st->line, "acquire %s: returned %s after %.1fms, earlier than %dms",
-                    s->name, outcome_name(s->outcome), s->elapsed_ms, st->not_before_ms);
+        return fail(c, st->line, "acquire %s: returned %s after %.1fms, earlier than %dms", s->name,
+                    outcome_name(s->outcome), s->elapsed_ms, st->not_before_ms);
     return 0;
 }
 
@@ -412,11 +410,12 @@ static int step_group(struct ctx *c, const struct scn_step *st)
         for (int i = 0; i < g->started; i++)
             pthread_join(g->threads[i], NULL);
         g->joined = 1;
-        trace(c, "", "%s: %lld acquires: ok %lld, timeout %lld, connect %lld, auth %lld, "
-                     "closed %lld; longest wait %.1fms",
+        trace(c, "",
+              "%s: %lld acquires: ok %lld, timeout %lld, connect %lld, auth %lld, "
+              "closed %lld; longest wait %.1fms",
               st->name, g->acquires, g->outcomes[SCN_OUT_OK], g->outcomes[SCN_OUT_TIMEOUT],
-              g->outcomes[SCN_OUT_CONNECT], g->outcomes[SCN_OUT_AUTH],
-              g->outcomes[SCN_OUT_CLOSED], g->max_wait_ms);
+              g->outcomes[SCN_OUT_CONNECT], g->outcomes[SCN_OUT_AUTH], g->outcomes[SCN_OUT_CLOSED],
+              g->max_wait_ms);
     }
     return 0;
 }
@@ -433,8 +432,8 @@ static int join_group(struct ctx *c, const struct scn_step *st, struct group *g)
     double took = steps_now_ms() - t;
     trace(c, "", "%s: all %d waiters returned after %.1fms", g->name, g->started, took);
     if (deadline >= 0 && steps_now_ms() > deadline)
-        return fail(c, st->line, "wait %s: waiters took %.1fms to return, bound is %dms",
-                    g->name, took, st->within_ms);
+        return fail(c, st->line, "wait %s: waiters took %.1fms to return, bound is %dms", g->name,
+                    took, st->within_ms);
     return 0;
 }
 
@@ -451,8 +450,9 @@ static int step_wait(struct ctx *c, const struct scn_step *st)
     s->running = 0;
     double took = steps_now_ms() - t;
     if (st->within_ms >= 0 && took > st->within_ms)
-        return fail(c, st->line, "wait %s: the acquire returned %.1fms after the wait began, "
-                                 "bound is %dms",
+        return fail(c, st->line,
+                    "wait %s: the acquire returned %.1fms after the wait began, "
+                    "bound is %dms",
                     st->name, took, st->within_ms);
     return check_acquire(c, s->step, s);
 }
@@ -522,7 +522,10 @@ static int step_query(struct ctx *c, const struct scn_step *st)
     }
     double took = steps_now_ms() - t0;
     timeline(c, t0, t0 + took, "query", "%s: %s %s%s", st->name, st->sql,
-             timed_out ? "no answer" : ok ? "ok" : "error ", timed_out || ok ? "" : sqlstate);
+             timed_out ? "no answer"
+             : ok      ? "ok"
+                       : "error ",
+             timed_out || ok ? "" : sqlstate);
     size_t el = strlen(errmsg);
     while (el && (errmsg[el - 1] == '\n' || errmsg[el - 1] == ' '))
         errmsg[--el] = '\0';
@@ -558,8 +561,7 @@ static int metric_pool(struct ctx *c, const char *name, long long *v)
 }
 
 /* Resolves "source.name"; returns 0, or -1 with msg. */
-static int resolve_metric(struct ctx *c, const char *metric, long long *v, char *msg,
-                          size_t msglen)
+static int resolve_metric(struct ctx *c, const char *metric, long long *v, char *msg, size_t msglen)
 {
     const char *dot = strchr(metric, '.');
     char src[SCN_NAME_MAX];
@@ -727,8 +729,8 @@ static int run_step(struct ctx *c, const struct scn_step *st)
         if (st->fault.target == SCN_TARGET_CONN) {
             s = find_slot(c, st->fault.name);
             if (!s || !s->conn)
-                return fail(c, st->line, "fault on %s: %s never held a connection",
-                            st->fault.name, st->fault.name);
+                return fail(c, st->line, "fault on %s: %s never held a connection", st->fault.name,
+                            st->fault.name);
             target = s->conn;
         }
         double t = steps_now_ms();

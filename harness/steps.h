@@ -32,7 +32,7 @@ struct steps_options {
 
 struct steps_result {
     int passed;
-    int line;          /* scenario line of the failure, 0 for setup / implicit checks */
+    int line;           /* scenario line of the failure, 0 for setup / implicit checks */
     char message[1024]; /* why it failed */
 };
 

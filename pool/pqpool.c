@@ -64,9 +64,9 @@ struct waiter {
     struct waiter *next, *prev;
     pthread_cond_t cond;
     uint64_t ticket;
-    int64_t retry_at;    /* backoff: no new connect by this waiter before */
-    struct pconn *conn;  /* a connection handed over by dispatch */
-    int granted;         /* a connect slot reserved for it by dispatch */
+    int64_t retry_at;   /* backoff: no new connect by this waiter before */
+    struct pconn *conn; /* a connection handed over by dispatch */
+    int granted;        /* a connect slot reserved for it by dispatch */
     int queued;
 };
 
@@ -300,9 +300,9 @@ static enum pqpool_fail_class classify_msg(const char *msg, char sqlstate[6])
 /* pc may be given only while this thread owns it; for a connection that
  * is already back in the idle list pass conn and id copied under the
  * mutex instead (another thread may have taken and freed it since). */
-static void emit_id(struct pqpool *p, enum pqpool_event_type type, PGconn *conn,
-                    unsigned long id, int reason_or_class, const char *sqlstate,
-                    const char *message, int64_t elapsed_ms, int error)
+static void emit_id(struct pqpool *p, enum pqpool_event_type type, PGconn *conn, unsigned long id,
+                    int reason_or_class, const char *sqlstate, const char *message,
+                    int64_t elapsed_ms, int error)
 {
     struct pqpool_event ev;
     if (!p->cfg.event)
@@ -951,11 +951,11 @@ fail:
         free(pw);
     }
     if (a->contacted) {
-        emit(p, PQPOOL_EV_CONNECT_FAILED, NULL, NULL, a->cls, a->sqlstate, a->msg,
-             a->elapsed_ms, 0);
+        emit(p, PQPOOL_EV_CONNECT_FAILED, NULL, NULL, a->cls, a->sqlstate, a->msg, a->elapsed_ms,
+             0);
         if (a->cls == PQPOOL_FAIL_AUTH)
-            emit(p, PQPOOL_EV_AUTH_FAILED, NULL, NULL, a->cls, a->sqlstate, a->msg,
-                 a->elapsed_ms, 0);
+            emit(p, PQPOOL_EV_AUTH_FAILED, NULL, NULL, a->cls, a->sqlstate, a->msg, a->elapsed_ms,
+                 0);
     }
 }
 
@@ -1477,8 +1477,8 @@ static int refill(struct pqpool *p)
 
         pthread_mutex_lock(&p->mu);
         now = now_ms();
-        if (p->closed || p->n_idle + p->n_refilling >= p->cfg.min_idle ||
-            !capacity_locked(p) || now < p->refill_retry_at) {
+        if (p->closed || p->n_idle + p->n_refilling >= p->cfg.min_idle || !capacity_locked(p) ||
+            now < p->refill_retry_at) {
             pthread_mutex_unlock(&p->mu);
             break;
         }

@@ -104,16 +104,16 @@ enum pqpool_event_type {
 /* One event. Pointers are valid only during the callback. */
 struct pqpool_event {
     enum pqpool_event_type type;
-    PGconn *conn;                     /* the connection concerned, or NULL; for
-                                       * EV_EJECTED already finished (an identity
-                                       * to compare, not to use) */
-    unsigned long conn_id;            /* the pool's id of that connection (1, 2, ...), or 0 */
-    enum pqpool_eject_reason reason;  /* PQPOOL_EV_EJECTED */
+    PGconn *conn;                      /* the connection concerned, or NULL; for
+                                        * EV_EJECTED already finished (an identity
+                                        * to compare, not to use) */
+    unsigned long conn_id;             /* the pool's id of that connection (1, 2, ...), or 0 */
+    enum pqpool_eject_reason reason;   /* PQPOOL_EV_EJECTED */
     enum pqpool_fail_class fail_class; /* PQPOOL_EV_CONNECT_FAILED, _AUTH_FAILED */
-    char sqlstate[6];                 /* the failure's SQLSTATE, "" if none */
-    const char *message;              /* server or libpq message, never NULL ("" if none) */
-    int64_t elapsed_ms;               /* see the event type */
-    int error;                        /* PQPOOL_E* for acquire outcomes, else 0 */
+    char sqlstate[6];                  /* the failure's SQLSTATE, "" if none */
+    const char *message;               /* server or libpq message, never NULL ("" if none) */
+    int64_t elapsed_ms;                /* see the event type */
+    int error;                         /* PQPOOL_E* for acquire outcomes, else 0 */
 };
 
 /*
@@ -166,11 +166,11 @@ struct pqpool_config {
 
     /* TCP keepalives and user timeout, sent as libpq parameters (ignored by
      * libpq on Unix sockets). Values set in conninfo win. */
-    int keepalives;           /* 1 = on (default), 0 = off (libpq default then applies) */
-    int keepalives_idle_s;    /* 30 */
+    int keepalives;            /* 1 = on (default), 0 = off (libpq default then applies) */
+    int keepalives_idle_s;     /* 30 */
     int keepalives_interval_s; /* 10 */
-    int keepalives_count;     /* 3 */
-    int tcp_user_timeout_ms;  /* 30000 (0 = kernel default) */
+    int keepalives_count;      /* 3 */
+    int tcp_user_timeout_ms;   /* 30000 (0 = kernel default) */
 
     /* application_name for new connections (NULL: the conninfo's, else
      * fallback_application_name "pqpool"). Values set in conninfo win. */
@@ -183,7 +183,7 @@ struct pqpool_config {
 
     pqpool_password_fn password; /* NULL: none */
     void *password_ctx;
-    pqpool_event_fn event;       /* NULL: none */
+    pqpool_event_fn event; /* NULL: none */
     void *event_ctx;
 
     /* A notice or warning from the server on a pooled connection (res is
@@ -202,20 +202,20 @@ struct pqpool_config {
 /* Statistics (a snapshot; pqpool_stats). */
 struct pqpool_stats {
     int max_size;
-    int total;      /* open connections: idle + in_use */
-    int idle;       /* ready in the pool */
-    int in_use;     /* checked out (or being checked, released, validated) */
-    int connecting; /* connect attempts in progress */
-    int waiting;    /* acquires queued for a connection */
-    int auth_locked; /* 1 while new connects are refused after an auth/config failure */
-    long long created;          /* connections successfully opened */
-    long long ejected;          /* connections finished for a reason other than close */
-    long long ejected_by[PQPOOL_EJECT__COUNT]; /* by reason (CLOSED counted here only) */
-    long long connect_attempts; /* connect attempts that reached libpq */
-    long long connect_failures; /* attempts that failed, ... */
+    int total;         /* open connections: idle + in_use */
+    int idle;          /* ready in the pool */
+    int in_use;        /* checked out (or being checked, released, validated) */
+    int connecting;    /* connect attempts in progress */
+    int waiting;       /* acquires queued for a connection */
+    int auth_locked;   /* 1 while new connects are refused after an auth/config failure */
+    long long created; /* connections successfully opened */
+    long long ejected; /* connections finished for a reason other than close */
+    long long ejected_by[PQPOOL_EJECT__COUNT];         /* by reason (CLOSED counted here only) */
+    long long connect_attempts;                        /* connect attempts that reached libpq */
+    long long connect_failures;                        /* attempts that failed, ... */
     long long connect_failures_by[PQPOOL_FAIL__COUNT]; /* ... by class */
-    long long acquires;         /* successful acquires */
-    long long acquire_timeouts; /* acquires that ended with ETIMEDOUT */
+    long long acquires;                                /* successful acquires */
+    long long acquire_timeouts;                        /* acquires that ended with ETIMEDOUT */
     long long acquire_errors;   /* acquires that ended with ECONNECT/EAUTH/ECONFIG */
     long long auth_failures;    /* attempts rejected with 28P01/28000 */
     long long auth_lockouts;    /* acquires refused at once while locked out */

@@ -140,7 +140,8 @@ static void test_sim_connect_faults_messages(void **state)
          "connection to server at \"127.0.0.1\", port 5432 failed: FATAL:  28P01: password "
          "authentication failed for user \"pgfault\"\n",
          FAKEPQ_OUT_AUTH},
-        {FAKEPQ_CONNECT_HBA_REJECT, "FATAL:  28000: no pg_hba.conf entry for host", FAKEPQ_OUT_AUTH},
+        {FAKEPQ_CONNECT_HBA_REJECT, "FATAL:  28000: no pg_hba.conf entry for host",
+         FAKEPQ_OUT_AUTH},
         {FAKEPQ_CONNECT_NO_DATABASE, "FATAL:  3D000: database \"pgfault\" does not exist",
          FAKEPQ_OUT_NO_DATABASE},
         {FAKEPQ_CONNECT_TOO_MANY, "FATAL:  53300: sorry, too many clients already",
@@ -390,7 +391,8 @@ static void test_trace_leaks_and_double_finish(void **state)
 static int real_setup(void **state)
 {
     char err[1024];
-    if (pgserver_create(NULL, &srv, err, sizeof err) < 0 || pgserver_start(srv, err, sizeof err) < 0) {
+    if (pgserver_create(NULL, &srv, err, sizeof err) < 0 ||
+        pgserver_start(srv, err, sizeof err) < 0) {
         fprintf(stderr, "real_setup: %s\n", err);
         return -1;
     }

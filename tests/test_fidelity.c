@@ -192,8 +192,7 @@ static void seq_terminate_idle(struct record *r, int real)
     PQsetNoticeReceiver(c, notice_rx, r);
     if (real) {
         assert_int_equal(wait_backends(1), 1);
-        assert_int_equal(pgserver_terminate(srv, PGSERVER_BACKENDS_IDLE, NULL, err, sizeof err),
-                         1);
+        assert_int_equal(pgserver_terminate(srv, PGSERVER_BACKENDS_IDLE, NULL, err, sizeof err), 1);
     } else {
         assert_int_equal(fakepq_break(FAKEPQ_TARGET_IDLE, 0, FAKEPQ_BREAK_FATAL), 1);
     }
@@ -223,19 +222,19 @@ static void seq_fast_shutdown(struct record *r, int real)
 }
 
 /* Runs a sequence in both modes and compares the records. */
-#define BOTH(seq_call_real, seq_call_sim)                                                         \
-    do {                                                                                          \
-        static struct record real, sim;                                                           \
-        memset(&real, 0, sizeof real);                                                            \
-        memset(&sim, 0, sizeof sim);                                                              \
-        mode(FAKEPQ_PASSTHROUGH);                                                                 \
-        seq_call_real;                                                                            \
-        mode(FAKEPQ_SIMULATED);                                                                   \
-        /* The simulated server's port is the real one's, so messages naming   \
-         * it match. */                                                                           \
-        seq_call_sim;                                                                             \
-        assert_int_equal(fakepq_leaks(stderr), 0);                                                \
-        compare(&real, &sim);                                                                     \
+#define BOTH(seq_call_real, seq_call_sim)                                                          \
+    do {                                                                                           \
+        static struct record real, sim;                                                            \
+        memset(&real, 0, sizeof real);                                                             \
+        memset(&sim, 0, sizeof sim);                                                               \
+        mode(FAKEPQ_PASSTHROUGH);                                                                  \
+        seq_call_real;                                                                             \
+        mode(FAKEPQ_SIMULATED);                                                                    \
+        /* The simulated server's port is the real one's, so messages naming                       \
+         * it match. */                                                                            \
+        seq_call_sim;                                                                              \
+        assert_int_equal(fakepq_leaks(stderr), 0);                                                 \
+        compare(&real, &sim);                                                                      \
     } while (0)
 
 static void test_healthy_connect_and_queries(void **state)
@@ -266,7 +265,8 @@ static void test_fast_shutdown_with_idle_connections(void **state)
 static int setup(void **state)
 {
     char err[1024];
-    if (pgserver_create(NULL, &srv, err, sizeof err) < 0 || pgserver_start(srv, err, sizeof err) < 0) {
+    if (pgserver_create(NULL, &srv, err, sizeof err) < 0 ||
+        pgserver_start(srv, err, sizeof err) < 0) {
         fprintf(stderr, "setup: %s\n", err);
         return -1;
     }

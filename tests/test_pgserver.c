@@ -35,7 +35,8 @@ static int setup(void **state)
     struct pgserver_options o;
     pgserver_options_init(&o);
     double t = now_ms();
-    if (pgserver_create(&o, &srv, err, sizeof err) < 0 || pgserver_start(srv, err, sizeof err) < 0) {
+    if (pgserver_create(&o, &srv, err, sizeof err) < 0 ||
+        pgserver_start(srv, err, sizeof err) < 0) {
         fprintf(stderr, "setup: %s\n", err);
         return -1;
     }
@@ -133,8 +134,7 @@ static void test_count_and_terminate(void **state)
     char cmd[1200];
     snprintf(cmd, sizeof cmd, "psql -X '%s' -c 'SELECT pg_sleep(30)' >/dev/null 2>&1", ci);
     spawn_holder(cmd);
-    snprintf(cmd, sizeof cmd, "(echo 'SELECT 1;'; sleep 30) | psql -X -q '%s' >/dev/null 2>&1",
-             ci);
+    snprintf(cmd, sizeof cmd, "(echo 'SELECT 1;'; sleep 30) | psql -X -q '%s' >/dev/null 2>&1", ci);
     spawn_holder(cmd);
     assert_int_equal(wait_count(2, 5000), 2);
     assert_int_equal(pgserver_count_backends(srv, "holder", err, sizeof err), 2);
@@ -198,8 +198,8 @@ static void test_max_connections(void **state)
     int mfd = mkstemp(mark);
     assert_true(mfd >= 0);
     close(mfd);
-    snprintf(cmd, sizeof cmd, "(echo 'SELECT 1;'; sleep 30) | psql -X -q -A -t '%s' >%s 2>&1",
-             ci, mark);
+    snprintf(cmd, sizeof cmd, "(echo 'SELECT 1;'; sleep 30) | psql -X -q -A -t '%s' >%s 2>&1", ci,
+             mark);
     spawn_holder(cmd);
     char got[64] = "";
     double end = now_ms() + 10000;
@@ -255,7 +255,8 @@ static void owner_killed_leaves_nothing(int sig)
         close(p[0]);
         char err[1024];
         struct pgserver *s = NULL;
-        if (pgserver_create(NULL, &s, err, sizeof err) < 0 || pgserver_start(s, err, sizeof err) < 0)
+        if (pgserver_create(NULL, &s, err, sizeof err) < 0 ||
+            pgserver_start(s, err, sizeof err) < 0)
             _exit(1);
         char line[1200];
         int n = snprintf(line, sizeof line, "%s\n", pgserver_dir(s));

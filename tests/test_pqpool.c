@@ -53,20 +53,20 @@ static void sleep_ms(int ms)
 }
 
 /* Polls cond every millisecond until it holds or ms pass, then asserts it. */
-#define EVENTUALLY(cond, ms)                                                                   \
-    do {                                                                                       \
-        int64_t until_ = now_ms() + (ms);                                                      \
-        while (!(cond) && now_ms() < until_)                                                   \
-            sleep_ms(1);                                                                       \
-        assert_true(cond);                                                                     \
+#define EVENTUALLY(cond, ms)                                                                       \
+    do {                                                                                           \
+        int64_t until_ = now_ms() + (ms);                                                          \
+        while (!(cond) && now_ms() < until_)                                                       \
+            sleep_ms(1);                                                                           \
+        assert_true(cond);                                                                         \
     } while (0)
 
-#define assert_between(v, lo, hi)                                                              \
-    do {                                                                                       \
-        long long v_ = (long long)(v);                                                         \
-        if (v_ < (long long)(lo) || v_ > (long long)(hi))                                      \
-            fail_msg("%s = %lld, expected in [%lld, %lld]", #v, v_, (long long)(lo),           \
-                     (long long)(hi));                                                         \
+#define assert_between(v, lo, hi)                                                                  \
+    do {                                                                                           \
+        long long v_ = (long long)(v);                                                             \
+        if (v_ < (long long)(lo) || v_ > (long long)(hi))                                          \
+            fail_msg("%s = %lld, expected in [%lld, %lld]", #v, v_, (long long)(lo),               \
+                     (long long)(hi));                                                             \
     } while (0)
 
 /* ---- Fixture ------------------------------------------------------------------- */
@@ -258,8 +258,12 @@ static void start_queue(struct fix *f, struct worker *w, int n, int timeout_ms, 
 {
     int i, base = st(f).waiting;
     for (i = 0; i < n; i++) {
-        w[i] = (struct worker){.f = f, .idx = i, .timeout_ms = timeout_ms, .hold_ms = hold_ms,
-                               .served = served, .order = -1};
+        w[i] = (struct worker){.f = f,
+                               .idx = i,
+                               .timeout_ms = timeout_ms,
+                               .hold_ms = hold_ms,
+                               .served = served,
+                               .order = -1};
         assert_int_equal(pthread_create(&w[i].t, NULL, acquire_main, &w[i]), 0);
         EVENTUALLY(st(f).waiting == base + i + 1, 5000);
     }
@@ -1242,8 +1246,7 @@ static void test_auth_retry_after(void **state)
     assert_int_equal(pqpool_acquire(f->p, -1, &c), PQPOOL_EAUTH);
     assert_int_equal(ctr().connect_attempts, 1);
     /* After auth_retry_after_ms the next acquire tries again, once. */
-    EVENTUALLY((pqpool_acquire(f->p, -1, &c) == PQPOOL_EAUTH && ctr().connect_attempts == 2),
-               3000);
+    EVENTUALLY((pqpool_acquire(f->p, -1, &c) == PQPOOL_EAUTH && ctr().connect_attempts == 2), 3000);
     assert_true(now_ms() - t0 >= 148);
     assert_int_equal(ctr().connect_attempts, 2);
 }
@@ -1719,7 +1722,7 @@ static void test_concurrent_everything(void **state)
     for (i = 0; i < 8; i++)
         assert_int_equal(pthread_create(&t[i], NULL, chaos_worker, &ch), 0);
     assert_int_equal(pthread_create(&k, NULL, chaos_keeper, &ch), 0);
-    sleep_ms(400); /* the length of the run */
+    sleep_ms(400);      /* the length of the run */
     pqpool_close(f->p); /* with everything still running */
     __atomic_store_n(&ch.stop, 1, __ATOMIC_RELEASE);
     for (i = 0; i < 8; i++)
@@ -1830,15 +1833,13 @@ static void test_real_dead_idle(void **state)
     assert_int_equal(st(f).idle, 2);
     assert_int_equal(backends(f), 2);
     /* Housekeeping finds them. */
-    assert_int_equal(pgserver_terminate(f->srv, PGSERVER_BACKENDS_IDLE, NULL, err, sizeof err),
-                     2);
+    assert_int_equal(pgserver_terminate(f->srv, PGSERVER_BACKENDS_IDLE, NULL, err, sizeof err), 2);
     EVENTUALLY(backends(f) == 0, 5000);
     assert_int_equal(pqpool_maintain(f->p), 0);
     assert_int_equal(st(f).ejected_by[PQPOOL_EJECT_DEAD], 2);
     assert_int_equal(st(f).idle, 2);
     /* Checkout finds them. */
-    assert_int_equal(pgserver_terminate(f->srv, PGSERVER_BACKENDS_IDLE, NULL, err, sizeof err),
-                     2);
+    assert_int_equal(pgserver_terminate(f->srv, PGSERVER_BACKENDS_IDLE, NULL, err, sizeof err), 2);
     EVENTUALLY(backends(f) == 0, 5000);
     c = must_acquire(f, -1);
     assert_int_equal(q(f, c, "SELECT 1"), PGRES_TUPLES_OK);
@@ -2046,12 +2047,9 @@ int main(void)
     };
     const struct CMUnitTest real[] = {
 #define REAL(t) cmocka_unit_test_setup_teardown(t, real_setup, fix_teardown)
-        REAL(test_real_dead_idle),
-        REAL(test_real_auth),
-        REAL(test_real_refused_then_back),
-        REAL(test_real_restart),
-        REAL(test_real_fifo_32_threads),
-        REAL(test_real_no_sigpipe),
+        REAL(test_real_dead_idle),         REAL(test_real_auth),
+        REAL(test_real_refused_then_back), REAL(test_real_restart),
+        REAL(test_real_fifo_32_threads),   REAL(test_real_no_sigpipe),
 #undef REAL
     };
     int failed = 0;

@@ -66,7 +66,8 @@ static void test_junit_lists_every_case(void **state)
     assert_non_null(strstr(x, "tests=\"2\" failures=\"1\""));
     assert_non_null(strstr(x, "<testcase classname=\"auth\" name=\"wrong-password [fake]\""));
     assert_non_null(strstr(x, "name=\"x [proxy]\""));
-    assert_non_null(strstr(x, "FAIL: line 7: expect pool.idle == 2: pool.idle = 1 &lt;&amp;&quot;&gt;"));
+    assert_non_null(
+        strstr(x, "FAIL: line 7: expect pool.idle == 2: pool.idle = 1 &lt;&amp;&quot;&gt;"));
     assert_null(strstr(x, "\x01"));
     assert_int_equal(report_junit("/nonexistent/dir/j.xml", c, 2, 1, err, sizeof err), -1);
     assert_non_null(strstr(err, "/nonexistent/dir/j.xml: "));

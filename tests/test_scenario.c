@@ -120,8 +120,8 @@ static void test_valid_scenario_parses(void **state)
 
 static void test_unknown_fault_has_hint_and_position(void **state)
 {
-    parse_bad("acquire c1\nfault dorp idle\n", "scenarios/t/x.scn:2:7: ",
-              "unknown fault 'dorp' (did you mean 'drop'?)");
+    parse_bad("acquire c1\nfault dorp idle\n",
+              "scenarios/t/x.scn:2:7: ", "unknown fault 'dorp' (did you mean 'drop'?)");
 }
 
 static void test_unknown_statement_has_hint(void **state)
@@ -144,8 +144,9 @@ static void test_name_must_be_acquired_first(void **state)
 
 static void test_backend_mismatch_names_both(void **state)
 {
-    parse_bad("backends fake proxy\nacquire c1\nfault inject 57P01 idle\n",
-              "scenarios/t/x.scn:3:7: ", "needs the proxy backend, but this scenario also runs on fake");
+    parse_bad(
+        "backends fake proxy\nacquire c1\nfault inject 57P01 idle\n",
+        "scenarios/t/x.scn:3:7: ", "needs the proxy backend, but this scenario also runs on fake");
     parse_bad("expect proxy.accepted == 1\n", "scenarios/t/x.scn:1:8: ",
               "needs the proxy backend, but this scenario also runs on fake");
     struct scn *s = parse_ok("scenarios/t/x.scn", "backends proxy\nfault inject 57P01 idle\n");
@@ -160,18 +161,21 @@ static void test_header_after_steps_is_an_error(void **state)
 
 static void test_scenario_name_must_match_path(void **state)
 {
-    parse_bad("scenario t/y\nacquire c1\n", "scenarios/t/x.scn:1:10: ", "does not match its file 't/x'");
+    parse_bad("scenario t/y\nacquire c1\n",
+              "scenarios/t/x.scn:1:10: ", "does not match its file 't/x'");
 }
 
 static void test_strings_and_comments(void **state)
 {
-    struct scn *s = parse_ok("scenarios/t/x.scn",
-                             "acquire c1\nquery c1 \"SELECT '#', \\\"q\\\"\" expect error 42601 # c\n");
+    struct scn *s =
+        parse_ok("scenarios/t/x.scn",
+                 "acquire c1\nquery c1 \"SELECT '#', \\\"q\\\"\" expect error 42601 # c\n");
     assert_string_equal(s->steps[1].sql, "SELECT '#', \"q\"");
     assert_int_equal(s->steps[1].expect, SCN_OUT_ERROR);
     assert_string_equal(s->steps[1].sqlstate, "42601");
     scn_free(s);
-    parse_bad("acquire c1\nquery c1 \"SELECT 1\n", "scenarios/t/x.scn:2:10: ", "unterminated string");
+    parse_bad("acquire c1\nquery c1 \"SELECT 1\n",
+              "scenarios/t/x.scn:2:10: ", "unterminated string");
 }
 
 static void test_background_must_be_waited(void **state)
@@ -179,13 +183,14 @@ static void test_background_must_be_waited(void **state)
     parse_bad("acquire c1 background\n", "scenarios/t/x.scn: ", "never waited for");
     parse_bad("acquire c1\nwait c1\n", "scenarios/t/x.scn:2:6: ", "not acquired in the background");
     parse_bad("queue q 2\n", "scenarios/t/x.scn: ", "queue 'q' is never waited for");
-    parse_bad("queue q 2\nwait q\nrelease q\n", "scenarios/t/x.scn:3:9: ", "no connection named 'q'");
+    parse_bad("queue q 2\nwait q\nrelease q\n",
+              "scenarios/t/x.scn:3:9: ", "no connection named 'q'");
 }
 
 static void test_bad_values(void **state)
 {
-    parse_bad("acquire c1 expect tiemout\n", "scenarios/t/x.scn:1:19: ",
-              "unknown outcome 'tiemout' (did you mean 'timeout'?");
+    parse_bad("acquire c1 expect tiemout\n",
+              "scenarios/t/x.scn:1:19: ", "unknown outcome 'tiemout' (did you mean 'timeout'?");
     parse_bad("expect pool.idle =< 2\n", "scenarios/t/x.scn:1:18: ", "expected a comparison");
     parse_bad("expect pool.idle == two\n", "scenarios/t/x.scn:1:21: ", "expected a whole number");
     parse_bad("expect pol.idle == 2\n", "scenarios/t/x.scn:1:8: ", "did you mean 'pool'?");

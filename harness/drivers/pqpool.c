@@ -40,8 +40,8 @@ static const struct {
     {"release_timeout", offsetof(struct pqpool_config, release_timeout_ms), 0},
 };
 
-static const char *const other_keys[] = {"max",         "min_idle", "init_sql",     "application_name",
-                                         "dbname",      "housekeeping", "password", NULL};
+static const char *const other_keys[] = {"max",    "min_idle",     "init_sql", "application_name",
+                                         "dbname", "housekeeping", "password", NULL};
 
 __attribute__((format(printf, 3, 4))) static int bad(char *err, size_t len, const char *fmt, ...)
 {
@@ -267,8 +267,8 @@ static int open_pool(const struct driver_open_args *a, struct driver_pool **out,
     return 0;
 }
 
-static enum driver_outcome acquire(struct driver_pool *dp, int timeout_ms, PGconn **out,
-                                   char *err, size_t len)
+static enum driver_outcome acquire(struct driver_pool *dp, int timeout_ms, PGconn **out, char *err,
+                                   size_t len)
 {
     *out = NULL;
     int rc = pqpool_acquire(dp->p, timeout_ms, out);
