@@ -110,6 +110,18 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_SUPPORT_OBJS) $(LIBPGFAULT_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS_ALL) -o $@ $^ -lcmocka $(HARNESS_LIBS)
 
+# test_pqpool_oom links a copy of pqpool.o whose calls to the allocator,
+# the pthread init/create functions and PQgetCancel go to seam_* functions
+# in the test, so it can fail exactly pqpool's calls (and nobody else's).
+SEAMED_SYMS := calloc strdup pthread_mutex_init pthread_condattr_init pthread_condattr_setclock \
+	pthread_cond_init pthread_attr_init pthread_create PQgetCancel
+$(BUILD)/obj/tests/pqpool_seamed.o: $(BUILD)/obj/pool/pqpool.o
+	objcopy $(foreach s,$(SEAMED_SYMS),--redefine-sym $(s)=seam_$(s)) $< $@
+
+$(BUILD)/tests/test_pqpool_oom: $(BUILD)/obj/tests/test_pqpool_oom.o $(BUILD)/obj/tests/pqpool_seamed.o $(LIBPGFAULT_A)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS_ALL) -o $@ $^ -lcmocka $(HARNESS_LIBS)
+
 check: deps-check $(TEST_BINS)
 	@T='$(T)' tools/run-tests.sh $(TEST_BINS)
 

@@ -975,25 +975,11 @@ int fakepq_fault_connect(enum fakepq_connect_fault kind, int nth, int count, int
     return add_rule(&r, nth, count);
 }
 
-static const char *const known_funcs[] = {"PQconnectStartParams",
-                                          "PQconnectStart",
-                                          "PQconnectPoll",
-                                          "PQconnectdb",
-                                          "PQconnectdbParams",
-                                          "PQexec",
-                                          "PQexecParams",
-                                          "PQsendQuery",
-                                          "PQsendQueryParams",
-                                          "PQgetResult",
-                                          "PQconsumeInput",
-                                          "PQisBusy",
-                                          "PQflush",
-                                          "PQreset",
-                                          "PQping",
-                                          "PQpingParams",
-                                          "PQcancel",
-                                          "PQsetnonblocking",
-                                          NULL};
+static const char *const known_funcs[] = {
+    "PQconnectStartParams", "PQconnectStart", "PQconnectPoll",    "PQconnectdb",
+    "PQconnectdbParams",    "PQexec",         "PQexecParams",     "PQsendQuery",
+    "PQsendQueryParams",    "PQgetResult",    "PQconsumeInput",   "PQflush",
+    "PQpingParams",         "PQcancel",       "PQsetnonblocking", NULL};
 
 static int known_function(const char *fn)
 {
@@ -1311,6 +1297,13 @@ static PGconn *connect_start(const char *fn, const char *const *keys, const char
 {
     need_real();
     pthread_mutex_lock(&mu);
+    if (call_rule_locked(fn)) {
+        /* What libpq returns when it cannot allocate a PGconn: no server
+         * is contacted, so it is not a connect attempt. */
+        trace_locked(fn, 0, "NULL (injected)");
+        pthread_mutex_unlock(&mu);
+        return NULL;
+    }
     int delay = 0;
     int fault = connect_rule_locked(&delay);
     trace_locked(fn, 0, "attempt %ld%s", counters.connect_attempts, fault >= 0 ? " (fault)" : "");
@@ -2249,6 +2242,16 @@ int PQsetnonblocking(PGconn *c, int arg)
 {
     if (!c)
         return -1;
+    pthread_mutex_lock(&mu);
+    struct rule *r = call_rule_locked("PQsetnonblocking");
+    if (r) {
+        /* libpq fails this only when it cannot flush pending output. */
+        snprintf(c->errmsg, sizeof c->errmsg, "fakepq: injected failure of PQsetnonblocking\n");
+        trace_locked("PQsetnonblocking", c->id, "-1 (injected)");
+        pthread_mutex_unlock(&mu);
+        return -1;
+    }
+    pthread_mutex_unlock(&mu);
     TRACE("PQsetnonblocking", c, "%d", arg);
     if (c->kind == CONN_REAL)
         return real.PQsetnonblocking(c->real, arg);

@@ -144,12 +144,18 @@ int fakepq_break(enum fakepq_target target, int conn_id, enum fakepq_break how);
  * For the calls numbered nth .. of the named function ("PQexec",
  * "PQsendQuery", "PQconnectPoll", ...; FAKEPQ_NEXT/FAKEPQ_ALL as above):
  *   fail:  the call fails the way libpq reports an internal failure (NULL
- *          result, 0 from PQsendQuery/PQconsumeInput, -1 from PQflush,
- *          PGRES_POLLING_FAILED), with an error message naming the fault;
+ *          result, 0 from PQsendQuery/PQconsumeInput, -1 from PQflush and
+ *          PQsetnonblocking, PGRES_POLLING_FAILED, NULL from the
+ *          PQconnect* functions as when libpq is out of memory), with an
+ *          error message naming the fault;
  *   error: query functions produce a PGRES_FATAL_ERROR result carrying
  *          sqlstate and message (message NULL: PostgreSQL's text for that
  *          SQLSTATE where fakepq knows it). A class 08 or 57P0x sqlstate
  *          is sent as FATAL and leaves the connection CONNECTION_BAD.
+ * The functions: PQconnectStartParams, PQconnectStart, PQconnectdbParams,
+ * PQconnectdb, PQconnectPoll, PQexec, PQexecParams, PQsendQuery,
+ * PQsendQueryParams, PQgetResult, PQconsumeInput, PQflush, PQpingParams,
+ * PQcancel, PQsetnonblocking.
  * Returns a rule id > 0, or -1 if the function name is unknown.
  */
 int fakepq_fault_call_fail(const char *function, int nth, int count);

@@ -335,6 +335,32 @@ static void test_sim_call_faults(void **state)
     assert_null(PQgetResult(c));
     assert_int_equal(PQstatus(c), CONNECTION_BAD);
     assert_int_equal(fakepq_fault_call_fail("PQnoSuchThing", 1, 1), -1);
+    /* A name whose failure libpq cannot report is refused, not ignored. */
+    assert_int_equal(fakepq_fault_call_fail("PQisBusy", 1, 1), -1);
+    PQfinish(c);
+
+    /* PQsetnonblocking fails with -1 once, then works. */
+    c = PQconnectdb(CI);
+    assert_true(fakepq_fault_call_fail("PQsetnonblocking", FAKEPQ_NEXT, 1) > 0);
+    assert_int_equal(PQsetnonblocking(c, 1), -1);
+    assert_non_null(strstr(PQerrorMessage(c), "injected failure of PQsetnonblocking"));
+    assert_int_equal(PQisnonblocking(c), 0);
+    assert_int_equal(PQsetnonblocking(c, 1), 0);
+    assert_int_equal(PQisnonblocking(c), 1);
+    PQfinish(c);
+
+    /* A PQconnect* failure is a NULL PGconn, as out of memory in libpq,
+     * and no connection attempt. */
+    struct fakepq_counters before, after;
+    fakepq_get_counters(&before);
+    assert_true(fakepq_fault_call_fail("PQconnectStartParams", FAKEPQ_NEXT, 1) > 0);
+    const char *k[] = {"dbname", NULL}, *v[] = {CI, NULL};
+    assert_null(PQconnectStartParams(k, v, 1));
+    fakepq_get_counters(&after);
+    assert_int_equal(after.connect_attempts, before.connect_attempts);
+    PostgresPollingStatusType st;
+    c = connect_async(CI, 1000, &st);
+    assert_int_equal(st, PGRES_POLLING_OK);
     PQfinish(c);
 }
 

@@ -16,6 +16,7 @@
  * Every test ends by freeing its pool and checking with fakepq that no
  * PGconn or PGresult was leaked and none was finished twice.
  */
+#include <poll.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -334,11 +335,55 @@ static void test_open_rejects_bad_config(void **state)
     fix_config(f, SIM_CONNINFO);
     f->cfg.housekeeping_interval_ms = -1;
     assert_int_equal(pqpool_open(&f->cfg, &p, err, sizeof err), PQPOOL_ECONFIG);
+    /* Each remaining bound, one at a time; the message names the field. */
+    {
+        struct {
+            size_t off;
+            int value;
+            const char *field;
+        } bad[] = {
+#define BAD(fld, v) {offsetof(struct pqpool_config, fld), v, #fld}
+            BAD(min_idle, -1),
+            BAD(acquire_timeout_ms, -1),
+            BAD(max_lifetime_ms, -1),
+            BAD(release_timeout_ms, -1),
+            BAD(backoff_initial_ms, 0),
+            BAD(keepalives_idle_s, 0),
+            BAD(keepalives_interval_s, 0),
+            BAD(tcp_user_timeout_ms, -1),
+#undef BAD
+        };
+        for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+            fix_config(f, SIM_CONNINFO);
+            *(int *)((char *)&f->cfg + bad[i].off) = bad[i].value;
+            err[0] = '\0';
+            if (pqpool_open(&f->cfg, &p, err, sizeof err) != PQPOOL_ECONFIG)
+                fail_msg("%s = %d accepted", bad[i].field, bad[i].value);
+            assert_null(p);
+            if (!strstr(err, bad[i].field))
+                fail_msg("%s = %d: message '%s' does not name it", bad[i].field, bad[i].value, err);
+            /* No error buffer: still refused, nothing written. */
+            assert_int_equal(pqpool_open(&f->cfg, &p, NULL, 0), PQPOOL_ECONFIG);
+        }
+    }
+    /* Keepalive settings only matter when keepalives are on. */
+    fix_config(f, SIM_CONNINFO);
+    f->cfg.keepalives = 0;
+    f->cfg.keepalives_count = 0;
+    assert_int_equal(pqpool_open(&f->cfg, &p, err, sizeof err), 0);
+    pqpool_free(p);
+    /* No conninfo at all means libpq's defaults, as with "". */
+    fix_config(f, SIM_CONNINFO);
+    f->cfg.conninfo = NULL;
+    assert_int_equal(pqpool_open(&f->cfg, &p, err, sizeof err), 0);
+    pqpool_free(p);
 
     /* A conninfo libpq cannot parse is a permanent error, found at open. */
     fix_config(f, "host=127.0.0.1 no_such_option=1");
     assert_int_equal(pqpool_open(&f->cfg, &p, err, sizeof err), PQPOOL_ECONFIG);
     assert_non_null(strstr(err, "no_such_option"));
+    assert_null(p);
+    assert_int_equal(pqpool_open(&f->cfg, &p, NULL, 0), PQPOOL_ECONFIG);
     assert_null(p);
     assert_int_equal(ctr().connect_attempts, 0);
 }
@@ -361,6 +406,8 @@ static void test_strerror_and_names(void **state)
     assert_string_equal(pqpool_fail_class_name(PQPOOL_FAIL_AUTH), "auth");
     assert_string_equal(pqpool_fail_class_name(PQPOOL_FAIL_INIT), "init");
     assert_string_equal(pqpool_fail_class_name(PQPOOL_FAIL__COUNT), "?");
+    assert_string_equal(pqpool_eject_reason_name((enum pqpool_eject_reason) - 1), "?");
+    assert_string_equal(pqpool_fail_class_name((enum pqpool_fail_class) - 1), "?");
 }
 
 static void test_null_arguments(void **state)
@@ -388,6 +435,12 @@ static void test_null_arguments(void **state)
     pqpool_free(NULL);
     fix_open(f);
     assert_int_equal(pqpool_acquire(f->p, 10, NULL), PQPOOL_EINVAL);
+    c = must_acquire(f, -1);
+    pqpool_note_result(f->p, NULL, NULL);
+    assert_null(pqpool_exec(f->p, c, NULL));
+    assert_null(pqpool_exec(f->p, NULL, "SELECT 1"));
+    pqpool_release(f->p, c);
+    assert_int_equal(st(f).idle, 1);
 }
 
 static void test_acquire_release_reuse(void **state)
@@ -897,6 +950,81 @@ static void test_release_rollback_fails_ejects(void **state)
     b = must_acquire(f, -1);
     assert_int_equal(PQtransactionStatus(b), PQTRANS_IDLE);
     pqpool_release(f->p, b);
+}
+
+/* libpq calls that fail outright while the pool cleans a released
+ * connection: each ejects it with the right reason, none hands it out. */
+static void test_release_libpq_failures_eject(void **state)
+{
+    struct fix *f = *state;
+    PGconn *a;
+    struct {
+        const char *fn; /* the call that fails */
+        int running;    /* a command still running (else: open transaction) */
+        int reason;     /* expected eject reason */
+    } cases[] = {
+        {"PQsetnonblocking", 0, PQPOOL_EJECT_TRANSACTION}, /* before ROLLBACK */
+        {"PQflush", 0, PQPOOL_EJECT_TRANSACTION},          /* sending ROLLBACK */
+        {"PQsetnonblocking", 1, PQPOOL_EJECT_BUSY},        /* after the cancel */
+        {"PQconsumeInput", 1, PQPOOL_EJECT_BUSY},          /* draining */
+    };
+    size_t i;
+
+    f->cfg.release_timeout_ms = 300;
+    fix_open(f);
+    for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        long long before;
+        a = must_acquire(f, -1);
+        if (cases[i].running) {
+            assert_true(fakepq_fault_query_delay(FAKEPQ_NEXT, 1, 5000) > 0);
+            assert_int_equal(PQsendQuery(a, "SELECT pg_sleep(5)"), 1);
+        } else {
+            assert_int_equal(q(f, a, "BEGIN"), PGRES_COMMAND_OK);
+        }
+        assert_true(fakepq_fault_call_fail(cases[i].fn, FAKEPQ_NEXT, FAKEPQ_ALL) > 0);
+        before = st(f).ejected_by[cases[i].reason];
+        pqpool_release(f->p, a);
+        fakepq_heal();
+        if (st(f).ejected_by[cases[i].reason] != before + 1)
+            fail_msg("case %zu (%s fails): not ejected with reason %s", i, cases[i].fn,
+                     pqpool_eject_reason_name(cases[i].reason));
+        assert_int_equal(st(f).total, 0);
+    }
+    a = must_acquire(f, -1);
+    assert_int_equal(PQtransactionStatus(a), PQTRANS_IDLE);
+    pqpool_release(f->p, a);
+}
+
+/* PQconnectStartParams returning NULL (libpq out of memory) is a transient
+ * failure: retried inside the deadline. */
+static void test_connect_start_null_retried(void **state)
+{
+    struct fix *f = *state;
+    PGconn *a;
+    f->cfg.backoff_initial_ms = 1;
+    fix_open(f);
+    assert_true(fakepq_fault_call_fail("PQconnectStartParams", FAKEPQ_NEXT, 2) > 0);
+    a = must_acquire(f, -1);
+    assert_int_equal(st(f).connect_failures, 2);
+    assert_int_equal(st(f).created, 1);
+    assert_int_equal(q(f, a, "SELECT 1"), PGRES_TUPLES_OK);
+    pqpool_release(f->p, a);
+}
+
+/* max_lifetime_ms = 0 turns the lifetime limit off. */
+static void test_max_lifetime_off(void **state)
+{
+    struct fix *f = *state;
+    PGconn *a, *b;
+    f->cfg.max_lifetime_ms = 0;
+    fix_open(f);
+    a = must_acquire(f, -1);
+    pqpool_release(f->p, a);
+    pqpool_maintain(f->p);
+    b = must_acquire(f, -1);
+    assert_ptr_equal(a, b);
+    pqpool_release(f->p, b);
+    assert_int_equal(st(f).ejected_by[PQPOOL_EJECT_LIFETIME], 0);
 }
 
 /* A rollback that does not answer within release_timeout_ms: ejected. */
@@ -1848,6 +1976,39 @@ static void test_real_dead_idle(void **state)
     assert_int_equal(ctr().double_finishes, 0);
 }
 
+/* A NOTIFY delivered to an idle LISTENing connection makes its socket
+ * readable. That is not a dead connection: housekeeping reads and drops
+ * the notification (nobody can receive it) and keeps the connection. */
+static void test_real_notification_on_idle(void **state)
+{
+    struct fix *f = *state;
+    PGconn *a, *b;
+    struct pollfd pfd;
+    int64_t until;
+
+    f->cfg.validate_idle_ms = -1;
+    fix_open(f);
+    a = must_acquire(f, -1);
+    b = must_acquire(f, -1);
+    assert_int_equal(q(f, a, "LISTEN pgfault_test"), PGRES_COMMAND_OK);
+    pqpool_release(f->p, a);
+    assert_int_equal(q(f, b, "NOTIFY pgfault_test"), PGRES_COMMAND_OK);
+    pqpool_release(f->p, b);
+    pfd = (struct pollfd){.fd = PQsocket(a), .events = POLLIN};
+    until = now_ms() + 5000;
+    while (poll(&pfd, 1, 10) == 0 && now_ms() < until)
+        ;
+    assert_true(pfd.revents & POLLIN);
+    assert_int_equal(pqpool_maintain(f->p), 0);
+    assert_int_equal(st(f).ejected, 0);
+    assert_int_equal(st(f).idle, 2);
+    pfd.revents = 0;
+    assert_int_equal(poll(&pfd, 1, 0), 0); /* consumed */
+    a = must_acquire(f, -1);
+    assert_int_equal(q(f, a, "SELECT 1"), PGRES_TUPLES_OK);
+    pqpool_release(f->p, a);
+}
+
 static void test_real_auth(void **state)
 {
     struct fix *f = *state;
@@ -2009,6 +2170,9 @@ int main(void)
         SIM(test_release_in_failed_transaction_rolls_back),
         SIM(test_release_rollback_fails_ejects),
         SIM(test_release_rollback_hangs_ejects),
+        SIM(test_release_libpq_failures_eject),
+        SIM(test_connect_start_null_retried),
+        SIM(test_max_lifetime_off),
         SIM(test_release_command_running),
         SIM(test_release_unread_results_drained),
         SIM(test_release_broken_connection),
@@ -2047,9 +2211,10 @@ int main(void)
     };
     const struct CMUnitTest real[] = {
 #define REAL(t) cmocka_unit_test_setup_teardown(t, real_setup, fix_teardown)
-        REAL(test_real_dead_idle),         REAL(test_real_auth),
-        REAL(test_real_refused_then_back), REAL(test_real_restart),
-        REAL(test_real_fifo_32_threads),   REAL(test_real_no_sigpipe),
+        REAL(test_real_dead_idle),  REAL(test_real_notification_on_idle),
+        REAL(test_real_auth),       REAL(test_real_refused_then_back),
+        REAL(test_real_restart),    REAL(test_real_fifo_32_threads),
+        REAL(test_real_no_sigpipe),
 #undef REAL
     };
     int failed = 0;
