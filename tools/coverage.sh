@@ -2,7 +2,8 @@
 # make coverage: an instrumented build of pool/, fakes/ and harness/, the
 # unit tests and then every scenario on every backend, captured with lcov
 # (branch coverage on), merged, stripped of system headers and tests/, and
-# rendered with genhtml into reports/coverage/index.html. Also writes one
+# rendered with genhtml into reports/coverage/index.html (and as Cobertura
+# XML, reports/coverage/cobertura.xml, for CI widgets). Also writes one
 # tracefile per scenario and reports/coverage/by-scenario.md: for every
 # function of pool/ the scenarios that execute it, and the branches of
 # pool/ that no scenario executes (the untested failure paths).
@@ -55,6 +56,7 @@ for t in "$out"/scenarios/*.info; do args+=(-a "$t"); done
 lcov "${rc[@]}" -q "${args[@]}" --output-file "$out/total.info" 2>/dev/null
 genhtml "${rc[@]}" -q --legend --title "pgfault coverage" "$out/total.info" \
     --output-directory "$out" >/dev/null 2>&1
+awk -v top="$top/" -f tools/lcov-to-cobertura.awk "$out/total.info" >"$out/cobertura.xml"
 
 # The table: lines, functions, branches per top-level directory.
 pct() { awk -v h="$1" -v f="$2" 'BEGIN { if (f == 0) print "-"; else printf "%.1f", 100 * h / f }'; }
