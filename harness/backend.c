@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "fakepq.h"
 #include "pgserver.h"
@@ -324,19 +325,81 @@ static int proxy_target(const struct scn_fault *f, PGconn *conn, char *buf, size
     return 0;
 }
 
+/*
+ * Server-side faults (stop, restart, pg_terminate_backend) are done when the
+ * server says so, but the pool only learns of them once the proxy has
+ * passed the server's close on to it. Without waiting for that, the step
+ * after the fault races the proxy's thread, and on a loaded machine an
+ * acquire can still find a connection that looks alive. These two take a
+ * snapshot of the proxy's server-connected paths before the fault and wait
+ * (bounded) until `want` of them are closed towards the pool. The fake
+ * backend needs none of this: its faults reach the sockets at once.
+ */
+#define CLOSE_WAIT_MS 3000
+#define SNAP_MAX 256
+
+struct conn_snap {
+    unsigned long long ids[SNAP_MAX];
+    int n;
+};
+
+static void snap_conns(struct backend *b, struct conn_snap *sn)
+{
+    struct fproxy_conn_info ci[SNAP_MAX];
+    int open = fproxy_conns(b->proxy, ci, SNAP_MAX);
+    sn->n = 0;
+    for (int i = 0; i < open && i < SNAP_MAX; i++)
+        if (ci[i].upstream_connected && !ci[i].blackholed && !ci[i].server_closed)
+            sn->ids[sn->n++] = ci[i].id;
+}
+
+static int wait_closed(struct backend *b, const struct conn_snap *sn, int want, char *msg,
+                       size_t len)
+{
+    struct fproxy_conn_info ci[SNAP_MAX];
+    struct timespec t0, t;
+    if (want > sn->n)
+        want = sn->n;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        int open = fproxy_conns(b->proxy, ci, SNAP_MAX), closed = 0;
+        for (int k = 0; k < sn->n; k++) {
+            int still = 0;
+            for (int i = 0; i < open && i < SNAP_MAX; i++)
+                if (ci[i].id == sn->ids[k] && !ci[i].server_closed)
+                    still = 1;
+            closed += !still;
+        }
+        if (closed >= want || open < 0)
+            return 0;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        long long ms = (t.tv_sec - t0.tv_sec) * 1000LL + (t.tv_nsec - t0.tv_nsec) / 1000000;
+        if (ms >= CLOSE_WAIT_MS)
+            return err(msg, len,
+                       "proxy: the server closed %d connection(s) but only %d of them reached "
+                       "the pool within %d ms",
+                       want, closed, CLOSE_WAIT_MS);
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+}
+
 static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *conn, char *msg,
                        size_t len)
 {
     char e[512], tgt[32];
     struct pgserver *s = current_server(b);
+    struct conn_snap snap;
     int n;
     switch (f->kind) {
     case SCN_FAULT_KILL:
+        snap_conns(b, &snap);
         if (f->target == SCN_TARGET_CONN) {
             char sql[128];
             snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d)", PQbackendPID(conn));
             if (pgserver_sql(s, sql, NULL, 0, e, sizeof e) < 0)
                 return err(msg, len, "%s", e);
+            if (wait_closed(b, &snap, 1, msg, len) < 0)
+                return -1;
             return say(msg, len, "server: backend %d terminated", PQbackendPID(conn));
         }
         n = pgserver_terminate(
@@ -344,6 +407,8 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
             e, sizeof e);
         if (n < 0)
             return err(msg, len, "%s", e);
+        if (wait_closed(b, &snap, n, msg, len) < 0)
+            return -1;
         return say(msg, len, "server: pg_terminate_backend on %d %s backend(s)", n, target_word(f));
     case SCN_FAULT_DROP:
         if (f->target == SCN_TARGET_CONN) {
@@ -379,14 +444,20 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
     case SCN_FAULT_LATENCY:
         return proxy_cmd(b, msg, len, "latency %d", f->duration_ms);
     case SCN_FAULT_RESTART:
+        snap_conns(b, &snap);
         if (pgserver_restart(s, f->immediate ? PGSERVER_STOP_IMMEDIATE : PGSERVER_STOP_FAST, e,
                              sizeof e) < 0)
             return err(msg, len, "%s", e);
+        if (wait_closed(b, &snap, snap.n, msg, len) < 0)
+            return -1;
         return say(msg, len, "server: restarted (%s)", f->immediate ? "immediate" : "fast");
     case SCN_FAULT_STOP:
+        snap_conns(b, &snap);
         if (pgserver_stop(s, f->immediate ? PGSERVER_STOP_IMMEDIATE : PGSERVER_STOP_FAST, e,
                           sizeof e) < 0)
             return err(msg, len, "%s", e);
+        if (wait_closed(b, &snap, snap.n, msg, len) < 0)
+            return -1;
         return say(msg, len, "server: stopped (%s)", f->immediate ? "immediate" : "fast");
     case SCN_FAULT_START:
         if (pgserver_start(s, e, sizeof e) < 0)
@@ -405,9 +476,12 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
                 return err(msg, len, "%s", e);
         return say(msg, len, "server: role password changed");
     case SCN_FAULT_MAX_CONNECTIONS:
+        snap_conns(b, &snap);
         if (pgserver_set_max_connections(s, f->number, e, sizeof e) < 0 ||
             pgserver_restart(s, PGSERVER_STOP_FAST, e, sizeof e) < 0)
             return err(msg, len, "%s", e);
+        if (wait_closed(b, &snap, snap.n, msg, len) < 0)
+            return -1;
         return say(msg, len, "server: max_connections = %d (restarted)", f->number);
     case SCN_FAULT_INJECT:
         proxy_target(f, conn, tgt, sizeof tgt);

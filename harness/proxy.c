@@ -2147,6 +2147,7 @@ static void conn_info(const struct conn *c, int64_t now, struct fproxy_conn_info
     ci->bytes_down = c->d[DOWN].tx;
     ci->upstream_connected = c->connected;
     ci->blackholed = c->d[UP].sh.blackhole || c->d[DOWN].sh.blackhole;
+    ci->server_closed = c->d[DOWN].dst_shut;
     ci->delay_ms_total[0] = c->d[UP].delay_total_ms;
     ci->delay_ms_total[1] = c->d[DOWN].delay_total_ms;
     ci->client_port = c->client_port;

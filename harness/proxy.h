@@ -197,6 +197,8 @@ struct fproxy_conn_info {
     unsigned long long bytes_up, bytes_down;
     int upstream_connected;         /* 0 while connecting or hung */
     int blackholed;                 /* a direction is partitioned */
+    int server_closed;              /* the server closed its side and the proxy has passed
+                                     * that on to the client (FIN forwarded) */
     long long delay_ms_total[2];    /* latency+jitter applied so far, up and down */
     unsigned long long buffered[2]; /* bytes held in the proxy, up and down */
     int client_port;                /* the client's source port: maps a PGconn (getsockname

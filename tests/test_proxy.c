@@ -465,6 +465,17 @@ static void test_passthrough_counts_and_phases(void **state)
     char reply[512];
     assert_int_equal(fproxy_command(f->p, "conns", reply, sizeof reply), 0);
     assert_non_null(strstr(reply, "ok 1 conns: id=4 phase=ready"));
+    assert_false(ci[0].server_closed);
+
+    /* The server ends the session: once the proxy has passed that on,
+     * the connection says so while the client still holds it open. */
+    char err[256];
+    assert_int_equal(pgserver_terminate(srv_a, PGSERVER_BACKENDS_ALL, NULL, err, sizeof err), 1);
+    t0 = now_ms();
+    while (fproxy_conns(f->p, ci, 4) == 1 && !ci[0].server_closed)
+        assert_true(now_ms() - t0 < 2000);
+    assert_int_equal(fproxy_conns(f->p, ci, 4), 1);
+    assert_true(ci[0].server_closed);
     PQfinish(c);
 }
 
