@@ -70,7 +70,7 @@ PGFAULT := $(BUILD)/pgfault
 # call into the real library.
 HARNESS_LIBS := -ldl -lm
 
-.PHONY: all deps deps-check check check-report run scenario test test-sanitize coverage install format format-check clean
+.PHONY: all deps deps-check check check-report run scenario test test-sanitize coverage bench install format format-check clean
 
 # Coverage thresholds for pool/ (make coverage fails below them).
 COVERAGE_LINES_MIN := 95
@@ -165,6 +165,12 @@ install: all
 	if [ -x $(PGFAULT) ]; then install -m 755 $(PGFAULT) $(DESTDIR)$(PREFIX)/bin/; fi
 
 FORMAT_SRCS = $(wildcard pool/*.[ch] fakes/*.[ch] harness/*.[ch] harness/drivers/*.[ch] tests/*.[ch])
+# pgbench through the fault proxy, socat and haproxy against a direct
+# connection: reports/bench-proxy.md. Not part of `make test` (speed claims
+# live in reports/, never in timed tests).
+bench: all
+	tools/bench-proxy.sh
+
 format:
 	clang-format -i $(FORMAT_SRCS)
 format-check:
