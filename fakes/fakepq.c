@@ -155,6 +155,8 @@ struct pg_conn {
     PGTransactionStatusType tx;
     int busy;
     int64_t result_at; /* when the pending results arrive */
+    int result_read;   /* PQconsumeInput ran after they arrived: as in libpq, only
+                        * then does PQisBusy say they can be read without waiting */
     struct pending *results;
     int nonblocking;
     /* faults */
@@ -1865,6 +1867,7 @@ static int sim_send_locked(PGconn *c, const char *fn, const char *sql)
     }
     c->busy = 1;
     c->result_at = now_ms() + delay;
+    c->result_read = 0;
     if (!c->partitioned) {
         if (delay <= 0 || c->broken != BRK_NONE)
             srv_send(c);
@@ -2193,6 +2196,8 @@ int PQconsumeInput(PGconn *c)
         ok = !sim_apply_break_locked(c);
     } else {
         drain_fd(c);
+        if (c->busy && sim_ready_locked(c))
+            c->result_read = 1;
         ok = 1;
     }
     trace_locked("PQconsumeInput", c->id, "%d", ok);
@@ -2218,7 +2223,9 @@ int PQisBusy(PGconn *c)
         sim_parse_locked(c);
         if (c->broken != BRK_NONE && c->busy)
             sim_apply_break_locked(c);
-        busy = c->busy && !sim_ready_locked(c);
+        /* Arrived is not enough: libpq reports a result only once
+         * PQconsumeInput has read it off the socket. */
+        busy = c->busy && !(sim_ready_locked(c) && (c->result_read || c->broken != BRK_NONE));
     }
     pthread_mutex_unlock(&mu);
     return busy;
@@ -2584,6 +2591,7 @@ int PQcancel(PGcancel *k, char *errbuf, int errbufsize)
         if (c->tx == PQTRANS_INTRANS)
             c->tx = PQTRANS_INERROR;
         c->result_at = now_ms();
+        c->result_read = 0;
         if (!c->partitioned)
             srv_send(c);
     }

@@ -304,6 +304,11 @@ static void test_sim_query_delay_async(void **state)
     assert_true(readable(PQsocket(c), 1000));
     double took = now_ms() - t;
     assert_true(took >= 145 && took < 900);
+    /* As libpq: the result has arrived on the socket, but PQisBusy says
+     * so only after PQconsumeInput has read it. */
+    assert_int_equal(PQisBusy(c), 1);
+    assert_int_equal(PQconsumeInput(c), 1);
+    assert_int_equal(PQisBusy(c), 0);
     PQclear(PQgetResult(c));
     assert_null(PQgetResult(c));
     PQfinish(c);

@@ -165,6 +165,18 @@ static void seq_healthy(struct record *r)
     query(c, "ROLLBACK", r);
     query(c, "SET application_name = 'x'", r);
     note(r, "server_version major: %d", PQserverVersion(c) / 10000);
+    /* Asynchronous: busy until PQconsumeInput has read the arrived result. */
+    note(r, "send: %d", PQsendQuery(c, "SELECT 1"));
+    struct pollfd p = {PQsocket(c), POLLIN, 0};
+    note(r, "readable: %d", poll(&p, 1, 5000));
+    note(r, "busy before consume: %d", PQisBusy(c));
+    note(r, "consume: %d", PQconsumeInput(c));
+    note(r, "busy after consume: %d", PQisBusy(c));
+    PGresult *res;
+    while ((res = PQgetResult(c)) != NULL) {
+        note(r, "result: %s", PQresStatus(PQresultStatus(res)));
+        PQclear(res);
+    }
     PQfinish(c);
 }
 
