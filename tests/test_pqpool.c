@@ -611,6 +611,22 @@ static void test_init_sql_runs_and_failure_rejects(void **state)
     assert_int_equal(st(f).total, 0);
     assert_int_equal(st(f).created, 0);
     assert_int_equal(ctr().live_conns, 0);
+    pqpool_free(f->p);
+
+    /* libpq failing to run init_sql at all (here PQsetnonblocking, then
+     * PQsendQuery): that connection is rejected with libpq's message, and
+     * the acquire retries with a fresh one inside its deadline. */
+    fix_config(f, SIM_CONNINFO);
+    f->cfg.init_sql = "SET statement_timeout = '5s'";
+    f->cfg.backoff_initial_ms = 1;
+    fix_open(f);
+    assert_true(fakepq_fault_call_fail("PQsetnonblocking", FAKEPQ_NEXT, 1) > 0);
+    assert_true(fakepq_fault_call_fail("PQsendQuery", FAKEPQ_NEXT, 1) > 0);
+    c = must_acquire(f, -1);
+    assert_int_equal(st(f).connect_failures_by[PQPOOL_FAIL_INIT], 2);
+    assert_int_equal(st(f).created, 1);
+    assert_non_null(strstr(pqpool_last_error(f->p), "injected failure"));
+    pqpool_release(f->p, c);
 }
 
 static void test_deadline_all_in_use_not_early(void **state)
@@ -2009,6 +2025,29 @@ static void test_real_notification_on_idle(void **state)
     pqpool_release(f->p, a);
 }
 
+/* A connection released in the middle of COPY OUT cannot be drained into
+ * a clean state by reading results: it is ejected as busy, and the next
+ * acquire gets a working one. */
+static void test_real_release_during_copy(void **state)
+{
+    struct fix *f = *state;
+    PGconn *a, *b;
+    PGresult *r;
+
+    fix_open(f);
+    a = must_acquire(f, -1);
+    r = PQexec(a, "COPY (SELECT generate_series(1, 3)) TO STDOUT");
+    assert_int_equal(PQresultStatus(r), PGRES_COPY_OUT);
+    PQclear(r);
+    pqpool_release(f->p, a);
+    assert_int_equal(st(f).ejected_by[PQPOOL_EJECT_BUSY], 1);
+    assert_int_equal(st(f).total, 0);
+    b = must_acquire(f, -1);
+    assert_int_equal(q(f, b, "SELECT 1"), PGRES_TUPLES_OK);
+    pqpool_release(f->p, b);
+    EVENTUALLY(backends(f) == 1, 5000);
+}
+
 static void test_real_auth(void **state)
 {
     struct fix *f = *state;
@@ -2211,10 +2250,10 @@ int main(void)
     };
     const struct CMUnitTest real[] = {
 #define REAL(t) cmocka_unit_test_setup_teardown(t, real_setup, fix_teardown)
-        REAL(test_real_dead_idle),  REAL(test_real_notification_on_idle),
-        REAL(test_real_auth),       REAL(test_real_refused_then_back),
-        REAL(test_real_restart),    REAL(test_real_fifo_32_threads),
-        REAL(test_real_no_sigpipe),
+        REAL(test_real_dead_idle),           REAL(test_real_notification_on_idle),
+        REAL(test_real_release_during_copy), REAL(test_real_auth),
+        REAL(test_real_refused_then_back),   REAL(test_real_restart),
+        REAL(test_real_fifo_32_threads),     REAL(test_real_no_sigpipe),
 #undef REAL
     };
     int failed = 0;
