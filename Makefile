@@ -116,6 +116,7 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_SUPPORT_OBJS) $(LIBPGFAULT_A)
 SEAMED_SYMS := calloc strdup pthread_mutex_init pthread_condattr_init pthread_condattr_setclock \
 	pthread_cond_init pthread_attr_init pthread_create PQgetCancel
 $(BUILD)/obj/tests/pqpool_seamed.o: $(BUILD)/obj/pool/pqpool.o
+	@mkdir -p $(dir $@)
 	objcopy $(foreach s,$(SEAMED_SYMS),--redefine-sym $(s)=seam_$(s)) $< $@
 
 $(BUILD)/tests/test_pqpool_oom: $(BUILD)/obj/tests/test_pqpool_oom.o $(BUILD)/obj/tests/pqpool_seamed.o $(LIBPGFAULT_A)

@@ -1299,7 +1299,8 @@ static PGconn *connect_start(const char *fn, const char *const *keys, const char
 {
     need_real();
     pthread_mutex_lock(&mu);
-    if (call_rule_locked(fn)) {
+    struct rule *fail = call_rule_locked(fn);
+    if (fail && fail->kind == R_CALL_FAIL) {
         /* What libpq returns when it cannot allocate a PGconn: no server
          * is contacted, so it is not a connect attempt. */
         trace_locked(fn, 0, "NULL (injected)");
@@ -2251,9 +2252,11 @@ int PQsetnonblocking(PGconn *c, int arg)
         return -1;
     pthread_mutex_lock(&mu);
     struct rule *r = call_rule_locked("PQsetnonblocking");
-    if (r) {
+    if (r && r->kind == R_CALL_FAIL) {
         /* libpq fails this only when it cannot flush pending output. */
-        snprintf(c->errmsg, sizeof c->errmsg, "fakepq: injected failure of PQsetnonblocking\n");
+        snprintf(c->kind == CONN_REAL ? c->override_err : c->errmsg,
+                 c->kind == CONN_REAL ? sizeof c->override_err : sizeof c->errmsg,
+                 "fakepq: injected failure of PQsetnonblocking\n");
         trace_locked("PQsetnonblocking", c->id, "-1 (injected)");
         pthread_mutex_unlock(&mu);
         return -1;

@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
 
 #include "fakepq.h"
 #include "pgserver.h"
@@ -343,13 +345,32 @@ struct conn_snap {
     int n;
 };
 
-static void snap_conns(struct backend *b, struct conn_snap *sn)
+/* The local port of a PGconn's socket: the proxy knows its connections by
+ * the client's port. 0 if it has no socket. */
+static int client_port(PGconn *conn)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (!conn || PQsocket(conn) < 0 ||
+        getsockname(PQsocket(conn), (struct sockaddr *)&ss, &sl) != 0)
+        return 0;
+    if (ss.ss_family == AF_INET)
+        return ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    if (ss.ss_family == AF_INET6)
+        return ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    return 0;
+}
+
+/* The proxy's open, server-connected paths (only the one from port
+ * only_port, if not 0). */
+static void snap_conns(struct backend *b, struct conn_snap *sn, int only_port)
 {
     struct fproxy_conn_info ci[SNAP_MAX];
     int open = fproxy_conns(b->proxy, ci, SNAP_MAX);
     sn->n = 0;
     for (int i = 0; i < open && i < SNAP_MAX; i++)
-        if (ci[i].upstream_connected && !ci[i].blackholed && !ci[i].server_closed)
+        if (ci[i].upstream_connected && !ci[i].blackholed && !ci[i].server_closed &&
+            (only_port == 0 || ci[i].client_port == only_port))
             sn->ids[sn->n++] = ci[i].id;
 }
 
@@ -363,6 +384,8 @@ static int wait_closed(struct backend *b, const struct conn_snap *sn, int want, 
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
         int open = fproxy_conns(b->proxy, ci, SNAP_MAX), closed = 0;
+        if (open < 0)
+            return err(msg, len, "proxy: stopped while waiting for the server's close");
         for (int k = 0; k < sn->n; k++) {
             int still = 0;
             for (int i = 0; i < open && i < SNAP_MAX; i++)
@@ -370,7 +393,7 @@ static int wait_closed(struct backend *b, const struct conn_snap *sn, int want, 
                     still = 1;
             closed += !still;
         }
-        if (closed >= want || open < 0)
+        if (closed >= want)
             return 0;
         clock_gettime(CLOCK_MONOTONIC, &t);
         long long ms = (t.tv_sec - t0.tv_sec) * 1000LL + (t.tv_nsec - t0.tv_nsec) / 1000000;
@@ -392,8 +415,11 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
     int n;
     switch (f->kind) {
     case SCN_FAULT_KILL:
-        snap_conns(b, &snap);
+        snap_conns(b, &snap, f->target == SCN_TARGET_CONN ? client_port(conn) : 0);
         if (f->target == SCN_TARGET_CONN) {
+            if (snap.n != 1)
+                return err(msg, len, "proxy: no open connection from the pool's port %d",
+                           client_port(conn));
             char sql[128];
             snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d)", PQbackendPID(conn));
             if (pgserver_sql(s, sql, NULL, 0, e, sizeof e) < 0)
@@ -444,7 +470,7 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
     case SCN_FAULT_LATENCY:
         return proxy_cmd(b, msg, len, "latency %d", f->duration_ms);
     case SCN_FAULT_RESTART:
-        snap_conns(b, &snap);
+        snap_conns(b, &snap, 0);
         if (pgserver_restart(s, f->immediate ? PGSERVER_STOP_IMMEDIATE : PGSERVER_STOP_FAST, e,
                              sizeof e) < 0)
             return err(msg, len, "%s", e);
@@ -452,7 +478,7 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
             return -1;
         return say(msg, len, "server: restarted (%s)", f->immediate ? "immediate" : "fast");
     case SCN_FAULT_STOP:
-        snap_conns(b, &snap);
+        snap_conns(b, &snap, 0);
         if (pgserver_stop(s, f->immediate ? PGSERVER_STOP_IMMEDIATE : PGSERVER_STOP_FAST, e,
                           sizeof e) < 0)
             return err(msg, len, "%s", e);
@@ -476,7 +502,7 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
                 return err(msg, len, "%s", e);
         return say(msg, len, "server: role password changed");
     case SCN_FAULT_MAX_CONNECTIONS:
-        snap_conns(b, &snap);
+        snap_conns(b, &snap, 0);
         if (pgserver_set_max_connections(s, f->number, e, sizeof e) < 0 ||
             pgserver_restart(s, PGSERVER_STOP_FAST, e, sizeof e) < 0)
             return err(msg, len, "%s", e);

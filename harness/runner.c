@@ -479,6 +479,8 @@ int runner_run(const struct runner_options *o)
     sigaction(SIGTERM, &sa, NULL);
 
     int njobs = o->jobs < 1 ? 1 : o->jobs > 64 ? 64 : o->jobs;
+    if (ncases > 0 && (size_t)njobs > ncases)
+        njobs = (int)ncases; /* so the summary says how many really ran at once */
     jobs = calloc((size_t)njobs, sizeof *jobs);
     if (!jobs) {
         free(case_scn);

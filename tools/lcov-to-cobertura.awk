@@ -43,9 +43,9 @@ function rate(h, n) { return n ? sprintf("%.4f", h / n) : "1.0000" }
         if (l in br_n) {
             t = br_h[l] + 0; n = br_n[l]
             fb_n += n; fb_h += t
-            body = body sprintf("          <line number=\"%d\" hits=\"%d\" branch=\"true\" condition-coverage=\"%d%% (%d/%d)\"/>\n", l, hits[l], int(100 * t / n), t, n)
+            body = body sprintf("          <line number=\"%d\" hits=\"%.0f\" branch=\"true\" condition-coverage=\"%d%% (%d/%d)\"/>\n", l, hits[l], int(100 * t / n), t, n)
         } else {
-            body = body sprintf("          <line number=\"%d\" hits=\"%d\" branch=\"false\"/>\n", l, hits[l])
+            body = body sprintf("          <line number=\"%d\" hits=\"%.0f\" branch=\"false\"/>\n", l, hits[l])
         }
     }
     if (!(pkg in pkg_seen)) { pkg_seen[pkg] = 1; pkgs[++npkgs] = pkg }
@@ -59,7 +59,7 @@ END {
     srand(); now = srand() # the previous seed: the time of day, in any awk
     print "<?xml version=\"1.0\" ?>"
     print "<!DOCTYPE coverage SYSTEM \"http://cobertura.sourceforge.net/xml/coverage-04.dtd\">"
-    printf "<coverage line-rate=\"%s\" branch-rate=\"%s\" lines-covered=\"%d\" lines-valid=\"%d\" branches-covered=\"%d\" branches-valid=\"%d\" complexity=\"0\" version=\"pgfault\" timestamp=\"%d\">\n", rate(t_lh, t_ln), rate(t_bh, t_bn), t_lh, t_ln, t_bh, t_bn, now
+    printf "<coverage line-rate=\"%s\" branch-rate=\"%s\" lines-covered=\"%.0f\" lines-valid=\"%.0f\" branches-covered=\"%.0f\" branches-valid=\"%.0f\" complexity=\"0\" version=\"pgfault\" timestamp=\"%.0f\">\n", rate(t_lh, t_ln), rate(t_bh, t_bn), t_lh, t_ln, t_bh, t_bn, now
     printf "  <sources>\n    <source>%s</source>\n  </sources>\n  <packages>\n", xml(top == "" ? "." : top)
     for (i = 1; i <= npkgs; i++) {
         p = pkgs[i]
