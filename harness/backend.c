@@ -451,10 +451,10 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
         /* A partition of the connections open now: the proxy's
          * `blackhole all` would also swallow new connections, while the
          * scenario language (like the fake) means the existing paths. */
-        struct fproxy_conn_info ci[256];
-        int open = fproxy_conns(b->proxy, ci, 256);
+        struct fproxy_conn_info ci[SNAP_MAX];
+        int open = fproxy_conns(b->proxy, ci, SNAP_MAX);
         int done = 0;
-        for (int i = 0; i < open && i < 256; i++) {
+        for (int i = 0; i < open && i < SNAP_MAX; i++) {
             if (f->target == SCN_TARGET_IDLE && ci[i].phase != FPROXY_PHASE_READY)
                 continue;
             if (proxy_cmd(b, msg, len, "blackhole conn %llu", ci[i].id) < 0)

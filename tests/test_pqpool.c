@@ -950,26 +950,9 @@ static void test_release_in_failed_transaction_rolls_back(void **state)
     pqpool_release(f->p, b);
 }
 
-/* If the rollback cannot be done, the connection is ejected instead. */
-static void test_release_rollback_fails_ejects(void **state)
-{
-    struct fix *f = *state;
-    PGconn *a, *b;
-
-    fix_open(f);
-    a = must_acquire(f, -1);
-    assert_int_equal(q(f, a, "BEGIN"), PGRES_COMMAND_OK);
-    assert_true(fakepq_fault_call_fail("PQsendQuery", FAKEPQ_NEXT, 1) > 0);
-    pqpool_release(f->p, a);
-    assert_int_equal(st(f).ejected_by[PQPOOL_EJECT_TRANSACTION], 1);
-    assert_int_equal(st(f).total, 0);
-    b = must_acquire(f, -1);
-    assert_int_equal(PQtransactionStatus(b), PQTRANS_IDLE);
-    pqpool_release(f->p, b);
-}
-
 /* libpq calls that fail outright while the pool cleans a released
- * connection: each ejects it with the right reason, none hands it out. */
+ * connection (a ROLLBACK that cannot be sent, a busy connection that cannot
+ * be drained): each ejects it with the right reason, none hands it out. */
 static void test_release_libpq_failures_eject(void **state)
 {
     struct fix *f = *state;
@@ -979,6 +962,7 @@ static void test_release_libpq_failures_eject(void **state)
         int running;    /* a command still running (else: open transaction) */
         int reason;     /* expected eject reason */
     } cases[] = {
+        {"PQsendQuery", 0, PQPOOL_EJECT_TRANSACTION},      /* ROLLBACK not sent */
         {"PQsetnonblocking", 0, PQPOOL_EJECT_TRANSACTION}, /* before ROLLBACK */
         {"PQflush", 0, PQPOOL_EJECT_TRANSACTION},          /* sending ROLLBACK */
         {"PQsetnonblocking", 1, PQPOOL_EJECT_BUSY},        /* after the cancel */
@@ -2207,7 +2191,6 @@ int main(void)
         SIM(test_fatal_notice_on_idle_marks_dead),
         SIM(test_release_in_transaction_rolls_back),
         SIM(test_release_in_failed_transaction_rolls_back),
-        SIM(test_release_rollback_fails_ejects),
         SIM(test_release_rollback_hangs_ejects),
         SIM(test_release_libpq_failures_eject),
         SIM(test_connect_start_null_retried),
