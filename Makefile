@@ -41,7 +41,11 @@ endif
 ifneq ($(COVERAGE),)
 OPT := -O0 -g --coverage
 endif
-CPPFLAGS_ALL = -D_GNU_SOURCE -Ipool -Ifakes -Iharness -Itests $(PQ_CFLAGS)
+# Shipped drivers are found in this tree unless PGFAULT_DRIVERS_DIR says
+# otherwise at run time (make install copies them next to the binary).
+DRIVERS_DIR ?= $(CURDIR)/harness/drivers
+CPPFLAGS_ALL = -D_GNU_SOURCE -Ipool -Ifakes -Iharness -Itests $(PQ_CFLAGS) \
+	-DPGFAULT_VERSION='"$(VERSION)"' -DPGFAULT_DRIVERS_DIR='"$(DRIVERS_DIR)"' 
 CFLAGS_ALL = $(WARNINGS) $(OPT) $(SAN_FLAGS) -fPIC -pthread -MMD -MP $(CFLAGS)
 LDFLAGS_ALL = $(SAN_FLAGS) $(if $(COVERAGE),--coverage) -pthread $(LDFLAGS)
 
@@ -68,7 +72,8 @@ PGFAULT := $(BUILD)/pgfault
 # real libpq only through dlopen in passthrough mode. Not linking -lpq is
 # what makes a libpq call the fake lacks a link error rather than a silent
 # call into the real library.
-HARNESS_LIBS := -ldl -lm
+# jansson: the driver protocol's JSON (exec drivers).
+HARNESS_LIBS := -ldl -lm -ljansson
 
 .PHONY: all deps deps-check check check-report run scenario test test-sanitize coverage bench install format format-check clean
 

@@ -22,12 +22,11 @@
 #include "pgserver.h"
 #include "proxy.h"
 
-#define FAKE_CONNINFO "host=127.0.0.1 port=5432 user=pgfault dbname=pgfault"
 #define FAKE_PASSWORD "pgfault"
 
 struct backend {
     enum scn_backend kind;
-    char conninfo[512];
+    struct backend_endpoint ep;
     char password[128];
     int stop_rule;           /* fake: the refuse rule of `fault stop`, 0 if none */
     struct pgserver *server; /* proxy: the current server (owned unless external) */
@@ -137,7 +136,8 @@ int backend_open(const struct backend_options *o, struct backend **out, char *ms
         }
         if (maxc)
             fakepq_sim_set_max_connections(maxc > 1 ? maxc - 1 : 1);
-        snprintf(b->conninfo, sizeof b->conninfo, "%s", FAKE_CONNINFO);
+        /* What fakepq's simulated server answers to. */
+        b->ep = (struct backend_endpoint){"127.0.0.1", 5432, "pgfault", "pgfault"};
         snprintf(b->password, sizeof b->password, "%s", FAKE_PASSWORD);
         *out = b;
         return 0;
@@ -178,8 +178,10 @@ int backend_open(const struct backend_options *o, struct backend **out, char *ms
         err(msg, len, "starting the fault proxy: %s", e);
         goto fail;
     }
-    snprintf(b->conninfo, sizeof b->conninfo, "host=127.0.0.1 port=%d user=%s dbname=%s",
-             fproxy_port(b->proxy), pgserver_user(s), pgserver_dbname(s));
+    snprintf(b->ep.host, sizeof b->ep.host, "127.0.0.1");
+    b->ep.port = fproxy_port(b->proxy);
+    snprintf(b->ep.user, sizeof b->ep.user, "%s", pgserver_user(s));
+    snprintf(b->ep.dbname, sizeof b->ep.dbname, "%s", pgserver_dbname(s));
     snprintf(b->password, sizeof b->password, "%s", pgserver_password(s));
     *out = b;
     return 0;
@@ -188,9 +190,9 @@ fail:
     return -1;
 }
 
-const char *backend_conninfo(const struct backend *b)
+const struct backend_endpoint *backend_endpoint(const struct backend *b)
 {
-    return b->conninfo;
+    return &b->ep;
 }
 
 const char *backend_password(const struct backend *b)
@@ -211,9 +213,8 @@ static const char *target_word(const struct scn_fault *f)
 }
 
 /* Faults fakepq performs the same way on both backends. */
-static int fakepq_fault(const struct scn_fault *f, PGconn *conn, char *msg, size_t len)
+static int fakepq_fault(const struct scn_fault *f, char *msg, size_t len)
 {
-    int id = conn ? fakepq_conn_id(conn) : 0;
     int n;
     switch (f->kind) {
     case SCN_FAULT_CONNECT: {
@@ -246,14 +247,13 @@ static int fakepq_fault(const struct scn_fault *f, PGconn *conn, char *msg, size
     default:
         break;
     }
-    (void)id;
     return err(msg, len, "internal: not a fakepq fault");
 }
 
-static int fake_fault(struct backend *b, const struct scn_fault *f, PGconn *conn, char *msg,
-                      size_t len)
+static int fake_fault(struct backend *b, const struct scn_fault *f, const struct backend_target *t,
+                      char *msg, size_t len)
 {
-    int id = conn ? fakepq_conn_id(conn) : 0;
+    int id = t ? t->fakepq_id : 0;
     int n;
     switch (f->kind) {
     case SCN_FAULT_KILL:
@@ -305,7 +305,7 @@ static int fake_fault(struct backend *b, const struct scn_fault *f, PGconn *conn
     case SCN_FAULT_CONNECT:
     case SCN_FAULT_CALL:
     case SCN_FAULT_SLOW_CONNECT:
-        return fakepq_fault(f, conn, msg, len);
+        return fakepq_fault(f, msg, len);
     case SCN_FAULT_INJECT:
     case SCN_FAULT__COUNT:
         break;
@@ -318,9 +318,8 @@ static struct pgserver *current_server(struct backend *b)
     return b->servers[b->current];
 }
 
-static int proxy_target(const struct scn_fault *f, PGconn *conn, char *buf, size_t len)
+static int proxy_target(const struct scn_fault *f, char *buf, size_t len)
 {
-    (void)conn;
     if (f->target == SCN_TARGET_IDLE)
         return snprintf(buf, len, "idle"), 0;
     snprintf(buf, len, "all");
@@ -345,20 +344,17 @@ struct conn_snap {
     int n;
 };
 
-/* The local port of a PGconn's socket: the proxy knows its connections by
- * the client's port. 0 if it has no socket. */
-static int client_port(PGconn *conn)
+/* Acts on the proxy's path from the pool's client port (`reset conn ID`,
+ * `blackhole conn ID`): how a foreign pool's connection is targeted. */
+static int proxy_conn_cmd(struct backend *b, const struct backend_target *t, const char *what,
+                          char *msg, size_t len)
 {
-    struct sockaddr_storage ss;
-    socklen_t sl = sizeof ss;
-    if (!conn || PQsocket(conn) < 0 ||
-        getsockname(PQsocket(conn), (struct sockaddr *)&ss, &sl) != 0)
-        return 0;
-    if (ss.ss_family == AF_INET)
-        return ntohs(((struct sockaddr_in *)&ss)->sin_port);
-    if (ss.ss_family == AF_INET6)
-        return ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
-    return 0;
+    struct fproxy_conn_info ci[SNAP_MAX];
+    int open = fproxy_conns(b->proxy, ci, SNAP_MAX);
+    for (int i = 0; i < open && i < SNAP_MAX; i++)
+        if (t->client_port > 0 && ci[i].client_port == t->client_port)
+            return proxy_cmd(b, msg, len, "%s conn %llu", what, ci[i].id);
+    return err(msg, len, "proxy: no open connection from the pool's port %d", t->client_port);
 }
 
 /* The proxy's open, server-connected paths (only the one from port
@@ -406,8 +402,8 @@ static int wait_closed(struct backend *b, const struct conn_snap *sn, int want, 
     }
 }
 
-static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *conn, char *msg,
-                       size_t len)
+static int proxy_fault(struct backend *b, const struct scn_fault *f, const struct backend_target *t,
+                       char *msg, size_t len)
 {
     char e[512], tgt[32];
     struct pgserver *s = current_server(b);
@@ -415,18 +411,18 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
     int n;
     switch (f->kind) {
     case SCN_FAULT_KILL:
-        snap_conns(b, &snap, f->target == SCN_TARGET_CONN ? client_port(conn) : 0);
+        snap_conns(b, &snap, f->target == SCN_TARGET_CONN ? t->client_port : 0);
         if (f->target == SCN_TARGET_CONN) {
             if (snap.n != 1)
                 return err(msg, len, "proxy: no open connection from the pool's port %d",
-                           client_port(conn));
+                           t->client_port);
             char sql[128];
-            snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d)", PQbackendPID(conn));
+            snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%ld)", t->backend_pid);
             if (pgserver_sql(s, sql, NULL, 0, e, sizeof e) < 0)
                 return err(msg, len, "%s", e);
             if (wait_closed(b, &snap, 1, msg, len) < 0)
                 return -1;
-            return say(msg, len, "server: backend %d terminated", PQbackendPID(conn));
+            return say(msg, len, "server: backend %ld terminated", t->backend_pid);
         }
         n = pgserver_terminate(
             s, f->target == SCN_TARGET_IDLE ? PGSERVER_BACKENDS_IDLE : PGSERVER_BACKENDS_ALL, NULL,
@@ -437,17 +433,21 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
             return -1;
         return say(msg, len, "server: pg_terminate_backend on %d %s backend(s)", n, target_word(f));
     case SCN_FAULT_DROP:
-        if (f->target == SCN_TARGET_CONN) {
-            fakepq_break(FAKEPQ_TARGET_ONE, fakepq_conn_id(conn), FAKEPQ_BREAK_EOF);
+        if (f->target == SCN_TARGET_CONN && t->fakepq_id > 0) {
+            fakepq_break(FAKEPQ_TARGET_ONE, t->fakepq_id, FAKEPQ_BREAK_EOF);
             return say(msg, len, "libpq: connection dropped");
         }
-        proxy_target(f, conn, tgt, sizeof tgt);
+        if (f->target == SCN_TARGET_CONN)
+            return proxy_conn_cmd(b, t, "reset", msg, len);
+        proxy_target(f, tgt, sizeof tgt);
         return proxy_cmd(b, msg, len, "reset %s", tgt);
     case SCN_FAULT_PARTITION: {
-        if (f->target == SCN_TARGET_CONN) {
-            fakepq_break(FAKEPQ_TARGET_ONE, fakepq_conn_id(conn), FAKEPQ_BREAK_PARTITION);
+        if (f->target == SCN_TARGET_CONN && t->fakepq_id > 0) {
+            fakepq_break(FAKEPQ_TARGET_ONE, t->fakepq_id, FAKEPQ_BREAK_PARTITION);
             return say(msg, len, "libpq: connection partitioned");
         }
+        if (f->target == SCN_TARGET_CONN)
+            return proxy_conn_cmd(b, t, "blackhole", msg, len);
         /* A partition of the connections open now: the proxy's
          * `blackhole all` would also swallow new connections, while the
          * scenario language (like the fake) means the existing paths. */
@@ -510,23 +510,26 @@ static int proxy_fault(struct backend *b, const struct scn_fault *f, PGconn *con
             return -1;
         return say(msg, len, "server: max_connections = %d (restarted)", f->number);
     case SCN_FAULT_INJECT:
-        proxy_target(f, conn, tgt, sizeof tgt);
+        proxy_target(f, tgt, sizeof tgt);
         return proxy_cmd(b, msg, len, "inject fatal %s %s", f->sqlstate, tgt);
     case SCN_FAULT_CONNECT:
     case SCN_FAULT_CALL:
     case SCN_FAULT_SLOW_CONNECT:
-        return fakepq_fault(f, conn, msg, len);
+        return fakepq_fault(f, msg, len);
     case SCN_FAULT__COUNT:
         break;
     }
     return err(msg, len, "the proxy backend cannot do fault '%s'", scn_fault_name(f->kind));
 }
 
-int backend_fault(struct backend *b, const struct scn_fault *f, PGconn *conn, char *msg, size_t len)
+int backend_fault(struct backend *b, const struct scn_fault *f, const struct backend_target *t,
+                  char *msg, size_t len)
 {
+    if (f->target == SCN_TARGET_CONN && !t)
+        return err(msg, len, "internal: a fault on one connection without its facts");
     if (b->kind == SCN_BACKEND_FAKE)
-        return fake_fault(b, f, conn, msg, len);
-    return proxy_fault(b, f, conn, msg, len);
+        return fake_fault(b, f, t, msg, len);
+    return proxy_fault(b, f, t, msg, len);
 }
 
 int backend_heal(struct backend *b, char *msg, size_t len)

@@ -18,8 +18,6 @@
 
 #include <stddef.h>
 
-#include <libpq-fe.h>
-
 #include "scenario.h"
 
 #define BACKEND_MUSTCHECK __attribute__((warn_unused_result))
@@ -37,15 +35,36 @@ struct backend_options {
 int backend_open(const struct backend_options *o, struct backend **out, char *msg,
                  size_t msglen) BACKEND_MUSTCHECK;
 
-/* The conninfo the pool should use (no password: the pool's password
- * callback supplies it) and the password the server expects at first. */
-const char *backend_conninfo(const struct backend *b);
+/* Where the pool connects: separate fields, because foreign pools (JDBC,
+ * node-postgres) cannot take a libpq conninfo string. */
+struct backend_endpoint {
+    char host[64];
+    int port;
+    char user[64];
+    char dbname[64];
+};
+
+/* The endpoint the pool should use and the password the server expects at
+ * first. */
+const struct backend_endpoint *backend_endpoint(const struct backend *b);
 const char *backend_password(const struct backend *b);
 
-/* Applies a fault. conn is the PGconn of a SCN_TARGET_CONN fault (else
- * NULL). */
-int backend_fault(struct backend *b, const struct scn_fault *f, PGconn *conn, char *msg,
-                  size_t msglen) BACKEND_MUSTCHECK;
+/* The facts about one connection a SCN_TARGET_CONN fault needs, from the
+ * pool's driver: the server backend's pid (kill), the client's local port
+ * (the proxy knows its connections by it) and, for a pool inside this
+ * process, fakepq's id of the PGconn (0 otherwise). */
+struct backend_target {
+    long backend_pid;
+    int client_port;
+    int fakepq_id;
+};
+
+/* Applies a fault. t describes the connection of a SCN_TARGET_CONN fault
+ * (else NULL). On the proxy backend, drop/partition of one connection go
+ * through fakepq when t->fakepq_id is set, else through the proxy's path
+ * from t->client_port. */
+int backend_fault(struct backend *b, const struct scn_fault *f, const struct backend_target *t,
+                  char *msg, size_t msglen) BACKEND_MUSTCHECK;
 
 /* Ends every network fault (fakepq rules and partitions, proxy faults). */
 int backend_heal(struct backend *b, char *msg, size_t msglen) BACKEND_MUSTCHECK;

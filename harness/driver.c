@@ -1,28 +1,113 @@
 /*
- * driver: the table of pool drivers the runner can use. Adding a pool means
- * adding its file under harness/drivers/ and one line here.
+ * driver: the table of drivers the runner can use, and the small helpers
+ * every driver user needs (names, key and metric look-ups). A shipped
+ * foreign driver is one line here: its short name and the command that
+ * starts it from the drivers directory.
  */
 #include "driver.h"
 
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "drivers/exec.h"
 #include "drivers/pqpool_driver.h"
 
-static const struct driver_ops *const drivers[] = {
-    &pqpool_driver,
+#ifndef PGFAULT_DRIVERS_DIR
+#define PGFAULT_DRIVERS_DIR "harness/drivers"
+#endif
+
+/* Shipped foreign drivers: short name -> interpreter and program, the
+ * program relative to the drivers directory (PGFAULT_DRIVERS_DIR in the
+ * environment, else the source tree pgfault was built from). Debian's
+ * python3 is named in full: its modules (psycopg2) are not on another. */
+static const struct {
+    const char *name;
+    const char *interpreter;
+    const char *program;
+} shipped[] = {
+    {"example", "/usr/bin/python3", "example/driver.py"},
 };
 
-static const char *const names[] = {"pqpool", NULL};
+static const char *const names[] = {"pqpool", "example", "exec:COMMAND", NULL};
 
-const struct driver_ops *driver_find(const char *name)
+const struct driver_ops *driver_find(const char *name, const char **command)
 {
-    for (size_t i = 0; i < sizeof drivers / sizeof drivers[0]; i++)
-        if (strcmp(drivers[i]->name, name) == 0)
-            return drivers[i];
+    static char buf[1024];
+    *command = NULL;
+    if (strcmp(name, "pqpool") == 0)
+        return &pqpool_driver;
+    if (strncmp(name, "exec:", 5) == 0) {
+        if (!name[5])
+            return NULL;
+        *command = name + 5;
+        return &exec_driver;
+    }
+    for (size_t i = 0; i < sizeof shipped / sizeof shipped[0]; i++) {
+        if (strcmp(name, shipped[i].name) != 0)
+            continue;
+        const char *dir = getenv("PGFAULT_DRIVERS_DIR");
+        snprintf(buf, sizeof buf, "%s '%s/%s'", shipped[i].interpreter,
+                 dir && *dir ? dir : PGFAULT_DRIVERS_DIR, shipped[i].program);
+        *command = buf;
+        return &exec_driver;
+    }
     return NULL;
 }
 
 const char *const *driver_names(void)
 {
     return names;
+}
+
+const char *driver_outcome_name(enum driver_outcome o)
+{
+    if (o == DRIVER_OTHER)
+        return "other error";
+    if (o == DRIVER_BROKEN)
+        return "driver failure";
+    return scn_outcome_name((enum scn_outcome)o);
+}
+
+const char *driver_key_status_name(enum driver_key_status s)
+{
+    return s == DRIVER_KEY_MAPPED ? "mapped" : s == DRIVER_KEY_IGNORED ? "ignored" : "unsupported";
+}
+
+const char *driver_cap_name(enum driver_cap c)
+{
+    static const char *const n[DRIVER_NCAPS] = {"maintain",    "health",      "txstatus",
+                                                "backend_pid", "client_port", "password",
+                                                "invariants",  "fakepq"};
+    for (int i = 0; i < DRIVER_NCAPS; i++)
+        if (c == (enum driver_cap)(1u << i))
+            return n[i];
+    return "?";
+}
+
+int driver_key_status(const struct driver_info *info, const char *key, const char **detail)
+{
+    for (int i = 0; i < info->nkeys; i++) {
+        if (strcmp(info->keys[i].key, key) == 0) {
+            if (detail)
+                *detail = info->keys[i].detail;
+            return (int)info->keys[i].status;
+        }
+    }
+    if (detail)
+        *detail = "the driver does not say";
+    return -1;
+}
+
+int driver_has_metric(const struct driver_info *info, const char *name)
+{
+    for (int i = 0; i < info->nmetrics; i++) {
+        const char *m = info->metrics[i];
+        size_t l = strlen(m);
+        if (strcmp(m, name) == 0)
+            return 1;
+        if (l >= 2 && strcmp(m + l - 2, ".*") == 0 && strncmp(m, name, l - 1) == 0 && name[l - 1])
+            return 1;
+    }
+    return 0;
 }

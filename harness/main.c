@@ -21,7 +21,9 @@
 #include "runner.h"
 #include "scenario.h"
 
+#ifndef PGFAULT_VERSION
 #define PGFAULT_VERSION "0.1.0"
+#endif
 
 static void usage_main(FILE *out)
 {
@@ -180,7 +182,8 @@ static int cmd_run_or_list(int argc, char **argv, int list)
             o.server_conninfo = optarg;
             break;
         case 8:
-            if (!driver_find(optarg)) {
+            const char *command;
+            if (!driver_find(optarg, &command)) {
                 fprintf(stderr, "pgfault %s: --driver: unknown driver '%s' (known:", cmd, optarg);
                 for (const char *const *d = driver_names(); *d; d++)
                     fprintf(stderr, " %s", *d);

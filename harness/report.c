@@ -52,12 +52,28 @@ static const char *backend_word(enum scn_backend b)
     return scn_backend_name(b);
 }
 
+/* N/A cases (the driver cannot express the scenario) are neither passes
+ * nor failures: JUnit <skipped>, TAP # SKIP. */
 static size_t count_failed(const struct runner_case *cases, size_t n)
 {
     size_t f = 0;
     for (size_t i = 0; i < n; i++)
-        f += cases[i].status != RUNNER_PASS;
+        f += cases[i].status != RUNNER_PASS && cases[i].status != RUNNER_NA;
     return f;
+}
+
+static size_t count_skipped(const struct runner_case *cases, size_t n)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        k += cases[i].status == RUNNER_NA;
+    return k;
+}
+
+/* A CSS class for a status ("N/A" is not a valid class name). */
+static const char *status_class(enum runner_status s)
+{
+    return s == RUNNER_NA ? "NA" : runner_status_name(s);
 }
 
 int report_junit(const char *path, const struct runner_case *cases, size_t n, double total_ms,
@@ -68,14 +84,14 @@ int report_junit(const char *path, const struct runner_case *cases, size_t n, do
         snprintf(err, errlen, "%s: %s", path, strerror(errno));
         return -1;
     }
-    size_t failed = count_failed(cases, n);
+    size_t failed = count_failed(cases, n), skipped = count_skipped(cases, n);
     fprintf(f, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     fprintf(f, "<testsuites name=\"pgfault\" tests=\"%zu\" failures=\"%zu\" time=\"%.3f\">\n", n,
             failed, total_ms / 1000.0);
     fprintf(f,
             "  <testsuite name=\"pgfault\" tests=\"%zu\" failures=\"%zu\" errors=\"0\" "
-            "skipped=\"0\" time=\"%.3f\">\n",
-            n, failed, total_ms / 1000.0);
+            "skipped=\"%zu\" time=\"%.3f\">\n",
+            n, failed, skipped, total_ms / 1000.0);
     for (size_t i = 0; i < n; i++) {
         const struct runner_case *c = &cases[i];
         char family[128];
@@ -105,6 +121,13 @@ int report_junit(const char *path, const struct runner_case *cases, size_t n, do
         else
             snprintf(head, sizeof head, "%s: %s", runner_status_name(c->status), c->message);
         char *msg = report_xml_escape(head);
+        if (c->status == RUNNER_NA) {
+            char *why = report_xml_escape(c->message);
+            fprintf(f, ">\n      <skipped message=\"%s\"/>\n    </testcase>\n", why ? why : "");
+            free(why);
+            free(msg);
+            continue;
+        }
         char *tr = report_xml_escape(c->trace ? c->trace : "");
         fprintf(f, ">\n      <failure message=\"%s\" type=\"%s\">%s</failure>\n    </testcase>\n",
                 msg ? msg : "", runner_status_name(c->status), tr ? tr : "");
@@ -142,6 +165,14 @@ void report_tap(FILE *out, const struct runner_case *cases, size_t n)
     for (size_t i = 0; i < n; i++) {
         const struct runner_case *c = &cases[i];
         int ok = c->status == RUNNER_PASS;
+        if (c->status == RUNNER_NA) {
+            /* A SKIP directive's reason ends at the line's end. */
+            fprintf(out, "ok %zu - %s [%s] # SKIP ", i + 1, c->name, backend_word(c->backend));
+            for (const char *m = c->message; *m; m++)
+                fputc(*m == '\n' || *m == '#' ? ' ' : *m, out);
+            fputc('\n', out);
+            continue;
+        }
         fprintf(out, "%s %zu - %s [%s]\n", ok ? "ok" : "not ok", i + 1, c->name,
                 backend_word(c->backend));
         if (ok)
@@ -175,9 +206,12 @@ int report_summary_md(const char *path, const struct runner_case *cases, size_t 
         snprintf(err, errlen, "%s: %s", path, strerror(errno));
         return -1;
     }
-    size_t failed = count_failed(cases, n);
-    fprintf(f, "# pgfault run\n\n**%s**: %zu passed, %zu failed, %zu total in %.1fs.\n\n",
-            failed ? "FAILED" : "PASSED", n - failed, failed, n, total_ms / 1000.0);
+    size_t failed = count_failed(cases, n), skipped = count_skipped(cases, n);
+    fprintf(f,
+            "# pgfault run\n\n**%s**: %zu passed, %zu failed, %zu not applicable, %zu total in "
+            "%.1fs.\n\n",
+            failed ? "FAILED" : "PASSED", n - failed - skipped, failed, skipped, n,
+            total_ms / 1000.0);
     fprintf(f, "| result | scenario | backend | time | detail |\n|---|---|---|---:|---|\n");
     /* Failures first, so the reader sees what matters without scrolling. */
     for (int pass = 0; pass < 2; pass++) {
@@ -402,7 +436,7 @@ int report_html(const char *path, const struct runner_case *cases, size_t n, dou
             "body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}\n"
             "h1{font-size:20px} .sum{font-size:16px;margin-bottom:12px}\n"
             ".PASS{color:#2e8b57;font-weight:bold} .FAIL,.CRASH,.HANG,.ERROR{color:#c0392b;"
-            "font-weight:bold}\n"
+            "font-weight:bold} .NA{color:#777;font-weight:bold}\n"
             "table{border-collapse:collapse;width:100%%} td,th{text-align:left;padding:4px 8px;"
             "border-bottom:1px solid #e5e5e5;vertical-align:top}\n"
             "tr.tl td{border-bottom:2px solid #ccc;padding-bottom:10px}\n"
@@ -412,11 +446,12 @@ int report_html(const char *path, const struct runner_case *cases, size_t n, dou
             ".legend span{display:inline-block;margin-right:14px} .sw{display:inline-block;"
             "width:10px;height:10px;margin-right:4px;vertical-align:middle}\n"
             "</style></head><body>\n",
-            n - failed, failed);
+            n - failed - count_skipped(cases, n), failed);
     fprintf(f,
             "<h1>pgfault resilience run</h1>\n<p class=\"sum\"><span class=\"%s\">%s</span>: "
-            "%zu passed, %zu failed, %zu cases in %.1fs.</p>\n",
-            failed ? "FAIL" : "PASS", failed ? "FAILED" : "PASSED", n - failed, failed, n,
+            "%zu passed, %zu failed, %zu not applicable, %zu cases in %.1fs.</p>\n",
+            failed ? "FAIL" : "PASS", failed ? "FAILED" : "PASSED",
+            n - failed - count_skipped(cases, n), failed, count_skipped(cases, n), n,
             total_ms / 1000.0);
     fprintf(f, "<p class=\"legend\">"
                "<span><i class=\"sw\" style=\"background:#2e8b57\"></i>acquire ok / connected / "
@@ -440,7 +475,7 @@ int report_html(const char *path, const struct runner_case *cases, size_t n, dou
             fprintf(f,
                     "<tr><td class=\"%s\">%s</td><td><b>%s</b><br><small>%s</small></td>"
                     "<td>%s</td><td>%.2fs</td><td><a href=\"%s\">trace</a></td></tr>\n",
-                    runner_status_name(c->status), runner_status_name(c->status), nm ? nm : "",
+                    status_class(c->status), runner_status_name(c->status), nm ? nm : "",
                     desc ? desc : "", backend_word(c->backend), c->duration_ms / 1000.0,
                     tf ? tf : "");
             free(nm);

@@ -40,6 +40,7 @@ struct job {
     pid_t pid;
     size_t index; /* into cases */
     double started_ms;
+    double budget_ms; /* its watchdog */
     const struct scn *scn;
 };
 
@@ -114,7 +115,7 @@ static void plan_free(struct plan *p)
 /* Finds and parses every scenario; on any error prints all of them and
  * returns -1, because a gate must not pass with a scenario it could not
  * read. */
-static int load(const struct runner_options *o, const struct driver_ops *drv, struct plan *p)
+static int load(const struct runner_options *o, struct plan *p)
 {
     static const char *const default_path[] = {"scenarios"};
     const char *const *paths = o->npaths ? o->paths : default_path;
@@ -144,13 +145,6 @@ static int load(const struct runner_options *o, const struct driver_ops *drv, st
             bad++;
             continue;
         }
-        for (size_t k = 0; k < s->npool; k++) {
-            char e[512];
-            if (drv->check_setting(s->pool[k].key, s->pool[k].value, e, sizeof e) < 0) {
-                fprintf(stderr, "%s:%d:%d: %s\n", s->path, s->pool[k].line, s->pool[k].col, e);
-                bad++;
-            }
-        }
         p->scns[p->nscns++] = s;
     }
     return bad ? -1 : 0;
@@ -159,12 +153,7 @@ static int load(const struct runner_options *o, const struct driver_ops *drv, st
 int runner_list(const struct runner_options *o)
 {
     struct plan p = {0};
-    const struct driver_ops *drv = driver_find(o->driver ? o->driver : "pqpool");
-    if (!drv) {
-        fprintf(stderr, "pgfault: unknown driver '%s'\n", o->driver);
-        return 2;
-    }
-    int rc = load(o, drv, &p) < 0 ? 2 : 0;
+    int rc = load(o, &p) < 0 ? 2 : 0;
     for (size_t i = 0; rc == 0 && i < p.nscns; i++) {
         const struct scn *s = p.scns[i];
         if (o->filter && fnmatch(o->filter, s->name, 0) != 0)
@@ -182,12 +171,62 @@ int runner_list(const struct runner_options *o)
 
 /* ---- Children ---------------------------------------------------------------- */
 
+/* A case's watchdog, from its own bounds: the longest each step may take
+ * (its `within`, its timeout, its duration, the query deadline), plus
+ * setting up a server and the driver, plus the wind-down checks -- capped
+ * by --timeout. A pool that hangs by design is then reported in about the
+ * time the scenario allows it, not after a flat minute. */
+static double case_budget_ms(const struct scn *s, const struct runner_options *o)
+{
+    double pool_acquire = 30000; /* the longest a pool's default may be */
+    for (size_t i = 0; i < s->npool; i++)
+        if (strcmp(s->pool[i].key, "acquire_timeout") == 0 && s->pool[i].number >= 0)
+            pool_acquire = (double)s->pool[i].number;
+    double b = 15000 /* server and driver start */ + 15000 /* close, drain, leak checks */;
+    for (size_t i = 0; i < s->nsteps; i++) {
+        const struct scn_step *st = &s->steps[i];
+        double acq = st->timeout_ms >= 0 ? st->timeout_ms : pool_acquire;
+        switch (st->kind) {
+        case SCN_STEP_ACQUIRE:
+            b += st->within_ms >= 0 && st->within_ms < acq ? st->within_ms : acq;
+            break;
+        case SCN_STEP_QUERY:
+            b += st->within_ms >= 0 ? st->within_ms : 10000;
+            break;
+        case SCN_STEP_HOLD:
+        case SCN_STEP_EVENTUALLY:
+            b += st->duration_ms;
+            break;
+        case SCN_STEP_WORKERS:
+            b += st->duration_ms + st->hold_ms + acq;
+            break;
+        case SCN_STEP_QUEUE:
+            b += 2000.0 * st->count + acq + (double)st->hold_ms * st->count;
+            break;
+        case SCN_STEP_WAIT:
+            b += st->within_ms >= 0 ? st->within_ms : acq;
+            break;
+        case SCN_STEP_FAULT:
+            b += 10000; /* a server restart, and the close reaching the pool */
+            break;
+        default:
+            b += 1000;
+            break;
+        }
+    }
+    b += 5000; /* margin for a loaded machine */
+    return b < o->case_timeout_ms ? b : o->case_timeout_ms;
+}
+
 static void on_signal(int sig)
 {
     stop_requested = sig;
     for (size_t i = 0; i < sizeof live_pids / sizeof live_pids[0]; i++)
-        if (live_pids[i] > 0)
+        if (live_pids[i] > 0) {
+            /* The case's whole process group: its driver process too. */
+            kill(-live_pids[i], SIGKILL);
             kill(live_pids[i], SIGKILL);
+        }
 }
 
 static char *read_file(const char *path)
@@ -237,9 +276,14 @@ static int tee_close(void *cookie)
 }
 
 static void child_main(const struct runner_options *o, const struct driver_ops *drv,
-                       const struct scn *s, enum scn_backend be, const char *trace_path,
-                       const char *timeline_path, const char *result_path, int live)
+                       const char *command, const struct scn *s, enum scn_backend be,
+                       const char *trace_path, const char *timeline_path, const char *result_path,
+                       int live)
 {
+    /* Its own process group, so the runner kills a driver process (and
+     * whatever that starts) together with the case. Throwaway servers
+     * leave the group (setsid) and are stopped through pgserver. */
+    setpgid(0, 0);
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
     /* A pool must survive writes to dead sockets on its own (libpq uses
@@ -257,7 +301,9 @@ static void child_main(const struct runner_options *o, const struct driver_ops *
     }
     setvbuf(trace, NULL, _IOLBF, 0);
     FILE *tl = fopen(timeline_path, "w");
-    struct steps_options so = {s, be, drv, o->server_conninfo, o->seed, trace, tl};
+    struct steps_options so = {
+        s,       be,    drv, o->driver ? o->driver : "pqpool", command, o->server_conninfo,
+        o->seed, trace, tl};
     struct steps_result r;
     int rc = steps_run(&so, &r);
     fclose(trace);
@@ -266,7 +312,8 @@ static void child_main(const struct runner_options *o, const struct driver_ops *
     FILE *rf = fopen(result_path, "w");
     if (!rf)
         child_exit(3);
-    fprintf(rf, "%s\n%d\n%s\n", rc < 0 ? "ERROR" : r.passed ? "PASS" : "FAIL", r.line, r.message);
+    fprintf(rf, "%s\n%d\n%s\n", rc < 0 ? "ERROR" : steps_verdict_name(r.verdict), r.line,
+            r.message);
     fclose(rf);
     child_exit(0);
 }
@@ -288,7 +335,7 @@ static void last_step(const char *trace, char *out, size_t len)
     }
 }
 
-static void collect(const struct runner_options *o, struct runner_case *c, int wstatus, int hung,
+static void collect(double budget_ms, struct runner_case *c, int wstatus, int hung,
                     const char *trace_path, const char *timeline_path, const char *result_path)
 {
     c->trace = read_file(trace_path);
@@ -296,9 +343,11 @@ static void collect(const struct runner_options *o, struct runner_case *c, int w
     char *res = hung ? NULL : read_file(result_path);
     if (res) {
         char *l1 = strtok(res, "\n"), *l2 = strtok(NULL, "\n"), *l3 = strtok(NULL, "");
-        c->status = l1 && strcmp(l1, "PASS") == 0   ? RUNNER_PASS
-                    : l1 && strcmp(l1, "FAIL") == 0 ? RUNNER_FAIL
-                                                    : RUNNER_ERROR;
+        c->status = RUNNER_ERROR;
+        for (int k = RUNNER_PASS; k <= RUNNER_NA; k++)
+            if (l1 && k != RUNNER_ERROR &&
+                strcmp(l1, runner_status_name((enum runner_status)k)) == 0)
+                c->status = (enum runner_status)k;
         c->line = l2 ? atoi(l2) : 0;
         snprintf(c->message, sizeof c->message, "%s", l3 ? l3 : "");
         size_t ml = strlen(c->message);
@@ -312,7 +361,7 @@ static void collect(const struct runner_options *o, struct runner_case *c, int w
     if (hung) {
         c->status = RUNNER_HANG;
         snprintf(c->message, sizeof c->message, "no verdict after %.1fs (watchdog); last step: %s",
-                 o->case_timeout_ms / 1000.0, step[0] ? step : "(setup)");
+                 budget_ms / 1000.0, step[0] ? step : "(setup)");
     } else if (WIFSIGNALED(wstatus)) {
         c->status = RUNNER_CRASH;
         snprintf(c->message, sizeof c->message, "killed by signal %d (%s); last step: %s",
@@ -400,12 +449,13 @@ int runner_run(const struct runner_options *o)
     int exit_code = 2;
     char tmpdir[] = "/tmp/pgfault-run-XXXXXX";
     int have_tmp = 0;
-    const struct driver_ops *drv = driver_find(o->driver ? o->driver : "pqpool");
+    const char *dname = o->driver ? o->driver : "pqpool", *command = NULL;
+    const struct driver_ops *drv = driver_find(dname, &command);
     if (!drv) {
-        fprintf(stderr, "pgfault: unknown driver '%s'\n", o->driver);
+        fprintf(stderr, "pgfault: unknown driver '%s'\n", dname);
         return 2;
     }
-    if (load(o, drv, &p) < 0)
+    if (load(o, &p) < 0)
         goto out;
 
     /* Expand scenarios into cases, then filter and shard. */
@@ -512,8 +562,10 @@ int runner_run(const struct runner_options *o)
                 break;
             }
             if (pid == 0)
-                child_main(o, drv, case_scn[next], cases[next].backend, tp, lp, rp, live);
-            jobs[j] = (struct job){pid, next, now_ms(), case_scn[next]};
+                child_main(o, drv, command, case_scn[next], cases[next].backend, tp, lp, rp, live);
+            setpgid(pid, pid); /* also here: no window where a kill misses the group */
+            jobs[j] = (struct job){pid, next, now_ms(), case_budget_ms(case_scn[next], o),
+                                   case_scn[next]};
             live_pids[j] = pid;
             next++;
         }
@@ -524,7 +576,8 @@ int runner_run(const struct runner_options *o)
                 continue;
             int ws = 0, hung = 0;
             pid_t r = waitpid(jobs[j].pid, &ws, WNOHANG);
-            if (r == 0 && now_ms() - jobs[j].started_ms > o->case_timeout_ms) {
+            if (r == 0 && now_ms() - jobs[j].started_ms > jobs[j].budget_ms) {
+                kill(-jobs[j].pid, SIGKILL);
                 kill(jobs[j].pid, SIGKILL);
                 waitpid(jobs[j].pid, &ws, 0);
                 hung = 1;
@@ -539,7 +592,8 @@ int runner_run(const struct runner_options *o)
             snprintf(tp, sizeof tp, "%s/%zu.trace", tmpdir, jobs[j].index);
             snprintf(lp, sizeof lp, "%s/%zu.timeline", tmpdir, jobs[j].index);
             snprintf(rp, sizeof rp, "%s/%zu.result", tmpdir, jobs[j].index);
-            collect(o, c, ws, hung, tp, lp, rp);
+            collect(jobs[j].budget_ms, c, ws, hung, tp, lp, rp);
+            kill(-jobs[j].pid, SIGKILL); /* whatever the case left in its group */
             unlink(tp);
             unlink(lp);
             unlink(rp);
@@ -566,6 +620,7 @@ int runner_run(const struct runner_options *o)
     if (stop_requested) {
         for (int j = 0; j < njobs; j++) {
             if (jobs[j].pid) {
+                kill(-jobs[j].pid, SIGKILL);
                 kill(jobs[j].pid, SIGKILL);
                 waitpid(jobs[j].pid, NULL, 0);
             }
@@ -576,9 +631,11 @@ int runner_run(const struct runner_options *o)
         goto out;
     }
 
-    size_t failed = 0;
-    for (size_t i = 0; i < ncases; i++)
-        failed += cases[i].status != RUNNER_PASS;
+    size_t failed = 0, skipped = 0;
+    for (size_t i = 0; i < ncases; i++) {
+        skipped += cases[i].status == RUNNER_NA;
+        failed += cases[i].status != RUNNER_PASS && cases[i].status != RUNNER_NA;
+    }
     char junit[1024], summary[1024], err[1200];
     if (o->junit_path)
         snprintf(junit, sizeof junit, "%s", o->junit_path);
@@ -602,18 +659,23 @@ int runner_run(const struct runner_options *o)
             report_tap(tf, cases, ncases);
             fclose(tf);
         }
-        printf("# %zu passed, %zu failed in %.1fs\n", ncases - failed, failed, total_ms / 1000.0);
+        printf("# %zu passed, %zu failed, %zu skipped in %.1fs\n", ncases - failed - skipped,
+               failed, skipped, total_ms / 1000.0);
     } else {
         printf("\n");
         if (failed) {
             printf("Failed:\n");
             for (size_t i = 0; i < ncases; i++)
-                if (cases[i].status != RUNNER_PASS)
+                if (cases[i].status != RUNNER_PASS && cases[i].status != RUNNER_NA)
                     printf("  %-5s %s [%s]: %s\n", runner_status_name(cases[i].status),
                            cases[i].name, scn_backend_name(cases[i].backend), cases[i].message);
         }
         printf("Reports: %s, %s, %s, %s/traces/\n", junit, summary, html, o->reports_dir);
-        printf("run: %zu passed, %zu failed\n", ncases - failed, failed);
+        if (skipped)
+            printf("N/A (not run: the driver cannot express them): %zu case(s); see the reports\n",
+                   skipped);
+        printf("run: %zu passed, %zu failed, %zu skipped\n", ncases - failed - skipped, failed,
+               skipped);
         printf("pgfault: %s in %.1fs (%zu cases, %d job%s)\n", failed ? "FAILED" : "all passed",
                total_ms / 1000.0, ncases, njobs, njobs > 1 ? "s" : "");
     }

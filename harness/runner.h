@@ -29,12 +29,14 @@ struct runner_options {
     const char *junit_path;      /* NULL: <reports_dir>/junit.xml */
     int tap;                     /* write TAP 14 to stdout instead of the live lines */
     int verbose;                 /* print each case's trace as it completes */
-    const char *driver;          /* "pqpool" */
+    const char *driver;          /* "pqpool", a shipped driver's name, or "exec:CMD" */
     const char *server_conninfo; /* --server / PGFAULT_SERVER, or NULL */
-    int case_timeout_ms;         /* watchdog per case */
+    int case_timeout_ms;         /* cap of each case's watchdog (derived from its bounds) */
 };
 
-enum runner_status { RUNNER_PASS, RUNNER_FAIL, RUNNER_CRASH, RUNNER_HANG, RUNNER_ERROR };
+/* RUNNER_NA: the driver cannot express the scenario (a key, metric or
+ * capability it lacks); reported as skipped, never a pass or a fail. */
+enum runner_status { RUNNER_PASS, RUNNER_FAIL, RUNNER_CRASH, RUNNER_HANG, RUNNER_ERROR, RUNNER_NA };
 
 /* The verdict of one case, as the reporters see it. */
 struct runner_case {
@@ -60,12 +62,12 @@ int runner_run(const struct runner_options *o);
  * Returns an exit code as runner_run. */
 int runner_list(const struct runner_options *o);
 
-/* "PASS", "FAIL", "CRASH", "HANG", "ERROR". Inline so the reporters can
+/* "PASS", "FAIL", "CRASH", "HANG", "ERROR", "N/A". Inline so the reporters can
  * name statuses without linking the runner. */
 static inline const char *runner_status_name(enum runner_status s)
 {
-    static const char *const names[] = {"PASS", "FAIL", "CRASH", "HANG", "ERROR"};
-    return (unsigned)s < 5 ? names[s] : "?";
+    static const char *const names[] = {"PASS", "FAIL", "CRASH", "HANG", "ERROR", "N/A"};
+    return (unsigned)s < 6 ? names[s] : "?";
 }
 
 #endif

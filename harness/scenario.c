@@ -467,6 +467,81 @@ static int parse_settings(struct parser *p, struct token *tok, int n, struct scn
     return 0;
 }
 
+static const struct scn_pool_key pool_keys[] = {
+    {"max", SCN_VAL_COUNT, NULL, 1, 10000, "most connections open at once"},
+    {"min_idle", SCN_VAL_COUNT, NULL, 0, 10000, "idle connections the pool keeps ready"},
+    {"acquire_timeout", SCN_VAL_DURATION, NULL, 0, 0,
+     "longest an acquire waits (for a free connection and for connecting)"},
+    {"connect_timeout", SCN_VAL_DURATION, NULL, 0, 0, "longest one connection attempt takes"},
+    {"idle_timeout", SCN_VAL_DURATION, NULL, 0, 0, "an idle connection older than this is closed"},
+    {"max_lifetime", SCN_VAL_DURATION, NULL, 0, 0,
+     "a connection older than this is closed when next idle"},
+    {"validate_idle", SCN_VAL_DURATION_OR_WORD, "never", 0, 0,
+     "check a connection idle longer than this before handing it out"},
+    {"validation_timeout", SCN_VAL_DURATION, NULL, 0, 0, "deadline of that check"},
+    {"auth_retry_after", SCN_VAL_DURATION, NULL, 0, 0,
+     "after rejected credentials, refuse acquires this long without contacting the server"},
+    {"backoff_initial", SCN_VAL_DURATION, NULL, 0, 0, "first reconnect backoff after a failure"},
+    {"backoff_max", SCN_VAL_DURATION, NULL, 0, 0, "longest reconnect backoff"},
+    {"release_timeout", SCN_VAL_DURATION, NULL, 0, 0,
+     "longest a release may spend cleaning up (cancel, rollback)"},
+    {"housekeeping", SCN_VAL_DURATION_OR_WORD, "off", 0, 0,
+     "interval of the pool's own maintenance thread"},
+    {"init_sql", SCN_VAL_STRING, NULL, 0, 0, "SQL run on every new connection"},
+    {"application_name", SCN_VAL_STRING, NULL, 0, 0, "the connections' application_name"},
+    {"dbname", SCN_VAL_STRING, NULL, 0, 0, "the database (instead of the backend's)"},
+    {"password", SCN_VAL_STRING, NULL, 0, 0, "the password the pool starts with"},
+};
+#define NPOOL_KEYS (sizeof pool_keys / sizeof pool_keys[0])
+
+const struct scn_pool_key *scn_pool_keys(size_t *n)
+{
+    if (n)
+        *n = NPOOL_KEYS;
+    return pool_keys;
+}
+
+/* Checks a `pool` setting against the language's keys and types it. */
+static int check_pool_setting(struct parser *p, struct scn_setting *st)
+{
+    const char *names[NPOOL_KEYS];
+    const struct scn_pool_key *k = NULL;
+    for (size_t i = 0; i < NPOOL_KEYS; i++) {
+        names[i] = pool_keys[i].key;
+        if (strcmp(pool_keys[i].key, st->key) == 0)
+            k = &pool_keys[i];
+    }
+    char h[96];
+    if (!k)
+        return fail_at(p, st->col, "unknown pool setting '%s'%s", st->key,
+                       hint(h, sizeof h, st->key, names, NPOOL_KEYS));
+    struct token t = {.s = st->value, .col = st->col + (int)strlen(st->key) + 1};
+    st->number = -1;
+    switch (k->type) {
+    case SCN_VAL_COUNT:
+        return parse_int(p, &t, k->min, k->max, &st->number);
+    case SCN_VAL_DURATION_OR_WORD:
+        if (strcmp(st->value, k->word) == 0)
+            return 0;
+        /* fall through */
+    case SCN_VAL_DURATION: {
+        int ms;
+        /* A bare 0 needs no unit. */
+        if (strcmp(st->value, "0") == 0)
+            ms = 0;
+        else if (parse_duration(p, &t, &ms) < 0)
+            return k->word ? fail_at(p, t.col, "%s=%s: expected a duration like 300ms, or %s",
+                                     st->key, st->value, k->word)
+                           : -1;
+        st->number = ms;
+        return 0;
+    }
+    case SCN_VAL_STRING:
+        return 0;
+    }
+    return 0;
+}
+
 static int parse_header(struct parser *p, int which, struct token *tok, int n)
 {
     struct scn *s = p->scn;
@@ -504,7 +579,12 @@ static int parse_header(struct parser *p, int which, struct token *tok, int n)
         return 0;
     }
     case 2:
-        return parse_settings(p, tok, n, &s->pool, &s->npool);
+        if (parse_settings(p, tok, n, &s->pool, &s->npool) < 0)
+            return -1;
+        for (size_t i = 0; i < s->npool; i++)
+            if (check_pool_setting(p, &s->pool[i]) < 0)
+                return -1;
+        return 0;
     case 3:
         return parse_settings(p, tok, n, &s->server, &s->nserver);
     }

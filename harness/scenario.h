@@ -158,12 +158,36 @@ struct scn_step {
     struct scn_cond cond;
 };
 
-/* One pool setting as written: key=value, value kept as text; the driver
- * interprets it (so other pools can have other keys). line/col point at
- * the key for error messages. */
+/* How a `pool` key's value is written and typed. */
+enum scn_value_type {
+    SCN_VAL_COUNT,            /* a whole number */
+    SCN_VAL_DURATION,         /* a duration, kept in milliseconds */
+    SCN_VAL_DURATION_OR_WORD, /* a duration, or the key's one word (never, off) */
+    SCN_VAL_STRING,           /* any text */
+};
+
+/* One key of the scenario language's `pool` line. The language owns the
+ * list; each driver says which keys its pool maps, ignores or cannot
+ * support (a scenario using an unsupported key is N/A for that driver). */
+struct scn_pool_key {
+    const char *key;
+    enum scn_value_type type;
+    const char *word;    /* SCN_VAL_DURATION_OR_WORD: the accepted word */
+    long long min, max;  /* SCN_VAL_COUNT: the accepted range */
+    const char *meaning; /* one line, for --help and driver authors */
+};
+
+/* The pool keys the language knows, and how many (n may be NULL). */
+const struct scn_pool_key *scn_pool_keys(size_t *n);
+
+/* One setting as written: key=value. For `pool` settings the parser has
+ * checked the key and typed the value: number is the count or the
+ * duration in milliseconds, or -1 when the value is a word or a string.
+ * line/col point at the key for error messages. */
 struct scn_setting {
     char key[32];
-    char *value; /* owned */
+    char *value; /* owned, as written */
+    long long number;
     int line, col;
 };
 

@@ -32,8 +32,8 @@
 /* A named connection: the result of an acquire step. */
 struct slot {
     char name[SCN_NAME_MAX];
-    PGconn *conn; /* last connection it held (kept after release for "again") */
-    int held;     /* currently checked out */
+    struct driver_conn *conn; /* last connection it held (kept after release for "again") */
+    int held;                 /* currently checked out */
     enum driver_outcome outcome;
     double elapsed_ms;
     char err[256];
@@ -71,12 +71,12 @@ struct group_arg {
 struct ctx {
     const struct steps_options *o;
     const struct driver_ops *drv;
-    struct driver_pool *pool;
+    struct driver *d;
+    const struct driver_info *info;
     struct backend *be;
     FILE *trace;
     double t0;
-    pthread_mutex_t lock; /* trace, password, group counters */
-    char password[256];
+    pthread_mutex_t lock; /* trace, group counters */
     struct slot slots[MAX_SLOTS];
     int nslots;
     struct group groups[MAX_GROUPS];
@@ -140,14 +140,26 @@ timeline(struct ctx *c, double start_ms, double end_ms, const char *kind, const 
     pthread_mutex_unlock(&c->lock);
 }
 
+/* Records the first failure. If the driver itself broke (a driver process
+ * that exited, wrote garbage or stopped answering), that is what the case
+ * reports -- CRASH or HANG with what happened -- not the step it broke. */
 __attribute__((format(printf, 3, 4))) static int fail(struct ctx *c, int line, const char *fmt, ...)
 {
     if (!c->r->passed)
         return -1; /* keep the first failure */
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(c->r->message, sizeof c->r->message, fmt, ap);
-    va_end(ap);
+    char why[700];
+    int fate = c->d ? c->drv->fate(c->d, why, sizeof why) : 0;
+    if (fate) {
+        c->r->verdict = fate == 1 ? STEPS_CRASH : STEPS_HANG;
+        snprintf(c->r->message, sizeof c->r->message, "driver %s: %s",
+                 fate == 1 ? "crashed" : "hung", why);
+    } else {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(c->r->message, sizeof c->r->message, fmt, ap);
+        va_end(ap);
+        c->r->verdict = STEPS_FAIL;
+    }
     c->r->passed = 0;
     c->r->line = line;
     trace(c, "FAIL", "%s", c->r->message);
@@ -186,18 +198,6 @@ static struct group *find_group(struct ctx *c, const char *name)
 
 /* ---- Callbacks the driver calls ------------------------------------------ */
 
-static const char *password_cb(void *arg)
-{
-    struct ctx *c = arg;
-    /* Copied under the lock into a per-thread buffer, so a `password` step
-     * running at the same time never hands out a torn string. */
-    static __thread char copy[256];
-    pthread_mutex_lock(&c->lock);
-    snprintf(copy, sizeof copy, "%s", c->password);
-    pthread_mutex_unlock(&c->lock);
-    return copy;
-}
-
 static void event_cb(void *arg, const char *line)
 {
     struct ctx *c = arg;
@@ -209,6 +209,11 @@ static void event_cb(void *arg, const char *line)
     timeline(c, now, now, kind, "%s", line);
 }
 
+static void log_cb(void *arg, const char *line)
+{
+    trace(arg, "driver", "%s", line);
+}
+
 /* ---- Acquire ----------------------------------------------------------------- */
 
 static const char *outcome_name(enum driver_outcome o);
@@ -216,12 +221,13 @@ static const char *outcome_name(enum driver_outcome o);
 static void do_acquire(struct slot *s, int timeout_ms)
 {
     struct ctx *c = s->ctx;
-    PGconn *conn = NULL;
+    struct driver_conn *conn = NULL;
     double t = steps_now_ms();
     s->err[0] = '\0';
-    s->outcome = c->drv->acquire(c->pool, timeout_ms, &conn, s->err, sizeof s->err);
+    /* The bound is judged on the driver's own measurement around the pool
+     * call, so a driver process's pipe does not count against the pool. */
+    s->outcome = c->drv->acquire(c->d, timeout_ms, &conn, &s->elapsed_ms, s->err, sizeof s->err);
     double end = steps_now_ms();
-    s->elapsed_ms = end - t;
     timeline(c, t, end, "acquire", "%s: %s after %.1fms", s->name, outcome_name(s->outcome),
              s->elapsed_ms);
     if (s->outcome == DRIVER_OK) {
@@ -232,7 +238,7 @@ static void do_acquire(struct slot *s, int timeout_ms)
 
 static const char *outcome_name(enum driver_outcome o)
 {
-    return o == DRIVER_OTHER ? "other error" : scn_outcome_name((enum scn_outcome)o);
+    return driver_outcome_name(o);
 }
 
 /* Checks an acquire's outcome and timing against its step. */
@@ -293,7 +299,7 @@ static int step_acquire(struct ctx *c, const struct scn_step *st)
 
 static void group_count(struct group *g, enum driver_outcome o, double wait_ms)
 {
-    int idx = o == DRIVER_OTHER ? SCN_OUT__COUNT : (int)o;
+    int idx = o >= DRIVER_OTHER ? SCN_OUT__COUNT : (int)o;
     pthread_mutex_lock(&g->ctx->lock);
     g->outcomes[idx]++;
     g->acquires++;
@@ -309,14 +315,14 @@ static void *worker_main(void *arg)
     struct ctx *c = g->ctx;
     double end = steps_now_ms() + g->step->duration_ms;
     while (steps_now_ms() < end) {
-        PGconn *conn = NULL;
-        double t = steps_now_ms();
-        enum driver_outcome o = c->drv->acquire(c->pool, g->step->timeout_ms, &conn, NULL, 0);
-        group_count(g, o, steps_now_ms() - t);
+        struct driver_conn *conn = NULL;
+        double waited = 0;
+        enum driver_outcome o = c->drv->acquire(c->d, g->step->timeout_ms, &conn, &waited, NULL, 0);
+        group_count(g, o, waited);
         if (o == DRIVER_OK) {
             sleep_ms(g->step->hold_ms);
-            c->drv->release(c->pool, conn);
-        } else if (o == DRIVER_CLOSED) {
+            (void)c->drv->release(c->d, conn, NULL, 0);
+        } else if (o == DRIVER_CLOSED || o == DRIVER_BROKEN) {
             break;
         } else {
             sleep_ms(1); /* a failing pool must not turn a worker into a busy loop */
@@ -331,10 +337,9 @@ static void *queue_main(void *arg)
     struct group_arg *ga = arg;
     struct group *g = ga->g;
     struct ctx *c = g->ctx;
-    PGconn *conn = NULL;
-    double t = steps_now_ms();
-    enum driver_outcome o = c->drv->acquire(c->pool, g->step->timeout_ms, &conn, NULL, 0);
-    double waited = steps_now_ms() - t;
+    struct driver_conn *conn = NULL;
+    double waited = 0;
+    enum driver_outcome o = c->drv->acquire(c->d, g->step->timeout_ms, &conn, &waited, NULL, 0);
     if (o == DRIVER_OK) {
         pthread_mutex_lock(&c->lock);
         g->served_seq[ga->index] = ++g->next_seq;
@@ -344,7 +349,7 @@ static void *queue_main(void *arg)
     trace(c, "", "%s[%d]: %s after %.1fms", g->name, ga->index, outcome_name(o), waited);
     if (o == DRIVER_OK) {
         sleep_ms(g->step->hold_ms);
-        c->drv->release(c->pool, conn);
+        (void)c->drv->release(c->d, conn, NULL, 0);
     }
     free(ga);
     return NULL;
@@ -464,64 +469,18 @@ static int step_query(struct ctx *c, const struct scn_step *st)
     struct slot *s = find_slot(c, st->name);
     if (!s || !s->held)
         return fail(c, st->line, "query on %s: %s holds no connection", st->name, st->name);
-    PGconn *conn = s->conn;
     double t0 = steps_now_ms();
-    double deadline = t0 + (st->within_ms >= 0 ? st->within_ms : QUERY_DEFAULT_DEADLINE_MS);
-    char sqlstate[6] = "";
-    char errmsg[512] = "";
-    int ok = 1, timed_out = 0;
-
-    if (!PQsendQuery(conn, st->sql)) {
-        ok = 0;
-        snprintf(errmsg, sizeof errmsg, "%s", PQerrorMessage(conn));
-    } else {
-        /* Drive the query asynchronously so a partition cannot hang the
-         * runner: wait for the socket with the step's deadline. */
-        for (;;) {
-            while (PQflush(conn) > 0 && steps_now_ms() < deadline) {
-                struct pollfd pw = {PQsocket(conn), POLLOUT, 0};
-                (void)poll(&pw, 1, 5);
-            }
-            if (!PQconsumeInput(conn)) {
-                ok = 0;
-                snprintf(errmsg, sizeof errmsg, "%s", PQerrorMessage(conn));
-            }
-            if (!PQisBusy(conn) || !ok)
-                break;
-            double left = deadline - steps_now_ms();
-            if (left <= 0) {
-                timed_out = 1;
-                break;
-            }
-            struct pollfd pfd = {PQsocket(conn), POLLIN, 0};
-            if (pfd.fd < 0) {
-                ok = 0;
-                snprintf(errmsg, sizeof errmsg, "%s", PQerrorMessage(conn));
-                break;
-            }
-            (void)poll(&pfd, 1, left > 50 ? 50 : (int)left + 1);
-        }
-        if (!timed_out) {
-            PGresult *res;
-            while ((res = PQgetResult(conn)) != NULL) {
-                ExecStatusType rs = PQresultStatus(res);
-                if (c->drv->note_result)
-                    c->drv->note_result(c->pool, conn, res);
-                if (rs == PGRES_FATAL_ERROR || rs == PGRES_BAD_RESPONSE ||
-                    rs == PGRES_NONFATAL_ERROR) {
-                    ok = 0;
-                    const char *ss = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-                    snprintf(sqlstate, sizeof sqlstate, "%s", ss ? ss : "");
-                    snprintf(errmsg, sizeof errmsg, "%s", PQresultErrorMessage(res));
-                }
-                PQclear(res);
-                if (PQstatus(conn) == CONNECTION_BAD)
-                    break;
-            }
-        }
-    }
-    double took = steps_now_ms() - t0;
-    timeline(c, t0, t0 + took, "query", "%s: %s %s%s", st->name, st->sql,
+    int limit = st->within_ms >= 0 ? st->within_ms : QUERY_DEFAULT_DEADLINE_MS;
+    double deadline = t0 + limit;
+    struct driver_result qr;
+    if (c->drv->query(c->d, s->conn, st->sql, limit, &qr) < 0 || qr.outcome == DRIVER_Q_BROKEN)
+        return fail(c, st->line, "query on %s: the driver failed: %s", st->name, qr.message);
+    int timed_out = qr.outcome == DRIVER_Q_TIMEOUT, ok = qr.outcome == DRIVER_Q_OK;
+    char sqlstate[6], errmsg[512];
+    snprintf(sqlstate, sizeof sqlstate, "%s", qr.sqlstate);
+    snprintf(errmsg, sizeof errmsg, "%s", qr.message);
+    double took = qr.elapsed_ms;
+    timeline(c, t0, steps_now_ms(), "query", "%s: %s %s%s", st->name, st->sql,
              timed_out ? "no answer"
              : ok      ? "ok"
                        : "error ",
@@ -555,8 +514,8 @@ static int step_query(struct ctx *c, const struct scn_step *st)
 
 static int metric_pool(struct ctx *c, const char *name, long long *v)
 {
-    if (c->drv->metric(c->pool, name, v) < 0)
-        return fail(c, 0, "the %s driver has no statistic '%s'", c->drv->name, name);
+    if (c->drv->metric(c->d, name, v) < 0)
+        return fail(c, 0, "the %s driver has no statistic '%s'", c->info->driver, name);
     return 0;
 }
 
@@ -568,8 +527,8 @@ static int resolve_metric(struct ctx *c, const char *metric, long long *v, char 
     snprintf(src, sizeof src, "%.*s", (int)(dot - metric), metric);
     const char *name = dot + 1;
     if (strcmp(src, "pool") == 0) {
-        if (c->drv->metric(c->pool, name, v) < 0) {
-            snprintf(msg, msglen, "the %s driver has no statistic '%s'", c->drv->name, name);
+        if (c->drv->metric(c->d, name, v) < 0) {
+            snprintf(msg, msglen, "the %s driver has no statistic '%s'", c->info->driver, name);
             return -1;
         }
         return 0;
@@ -622,10 +581,18 @@ static int resolve_metric(struct ctx *c, const char *metric, long long *v, char 
             *v = (long long)(s->elapsed_ms + 0.999);
         else if (strcmp(name, "held") == 0)
             *v = s->held;
-        else if (strcmp(name, "txstatus") == 0 && s->held)
-            /* PQTRANS_IDLE 0, ACTIVE 1, INTRANS 2, INERROR 3, UNKNOWN 4 */
-            *v = (long long)PQtransactionStatus(s->conn);
-        else if (strcmp(name, "txstatus") == 0) {
+        else if (strcmp(name, "txstatus") == 0 && s->held) {
+            /* idle 0, active 1, in transaction 2, in a failed one 3, unknown 4
+             * (libpq's PQTRANS_* numbering) */
+            struct driver_conn_info ci;
+            if (c->drv->conn_info(c->d, s->conn, &ci, msg, msglen) < 0)
+                return -1;
+            if (ci.txstatus == DRIVER_TX_NONE) {
+                snprintf(msg, msglen, "%s.txstatus: the driver did not report it", src);
+                return -1;
+            }
+            *v = (long long)ci.txstatus;
+        } else if (strcmp(name, "txstatus") == 0) {
             snprintf(msg, msglen, "%s.txstatus: %s holds no connection", src, src);
             return -1;
         } else {
@@ -666,7 +633,7 @@ static int step_cond(struct ctx *c, const struct scn_step *st)
                 cd->value, cd->metric, v);
 }
 
-/* ---- The run ------------------------------------------------------------------- */
+/* ---- Steps --------------------------------------------------------------------- */
 
 static int count_fds(void)
 {
@@ -701,10 +668,15 @@ static int run_step(struct ctx *c, const struct scn_step *st)
                         "%s %s: %s holds no connection (write 'release %s again' to test a "
                         "double release on purpose)",
                         scn_step_name(st->kind), st->name, st->name, st->name);
-        if (st->kind == SCN_STEP_RELEASE)
-            c->drv->release(c->pool, s->conn);
-        else
-            c->drv->discard(c->pool, s->conn);
+        /* A pool that raises on a release (say, on a deliberate second
+         * one) is telling the application something: trace it, and let the
+         * scenario's expectations judge the pool's state. */
+        if ((st->kind == SCN_STEP_RELEASE ? c->drv->release(c->d, s->conn, msg, sizeof msg)
+                                          : c->drv->discard(c->d, s->conn, msg, sizeof msg)) < 0) {
+            if (c->drv->fate(c->d, NULL, 0))
+                return fail(c, st->line, "%s %s", scn_step_name(st->kind), st->name);
+            trace(c, "", "%s %s: the pool raised: %s", scn_step_name(st->kind), st->name, msg);
+        }
         s->held = 0;
         {
             double now = steps_now_ms();
@@ -718,20 +690,27 @@ static int run_step(struct ctx *c, const struct scn_step *st)
         sleep_ms(st->duration_ms);
         return 0;
     case SCN_STEP_MAINTAIN:
-        if (c->drv->maintain(c->pool) < 0)
-            trace(c, "", "maintain reported an error (see events)");
+        if (c->drv->maintain(c->d, msg, sizeof msg) < 0) {
+            if (c->drv->fate(c->d, NULL, 0))
+                return fail(c, st->line, "maintain");
+            trace(c, "", "maintain reported an error: %s", msg);
+        }
         return 0;
     case SCN_STEP_WORKERS:
     case SCN_STEP_QUEUE:
         return step_group(c, st);
     case SCN_STEP_FAULT: {
-        PGconn *target = NULL;
+        struct backend_target tgt, *target = NULL;
         if (st->fault.target == SCN_TARGET_CONN) {
             s = find_slot(c, st->fault.name);
             if (!s || !s->conn)
                 return fail(c, st->line, "fault on %s: %s never held a connection", st->fault.name,
                             st->fault.name);
-            target = s->conn;
+            struct driver_conn_info ci;
+            if (c->drv->conn_info(c->d, s->conn, &ci, msg, sizeof msg) < 0)
+                return fail(c, st->line, "fault on %s: conn_info: %s", st->fault.name, msg);
+            tgt = (struct backend_target){ci.backend_pid, ci.client_port, ci.fakepq_id};
+            target = &tgt;
         }
         double t = steps_now_ms();
         if (backend_fault(c->be, &st->fault, target, msg, sizeof msg) < 0)
@@ -750,15 +729,17 @@ static int run_step(struct ctx *c, const struct scn_step *st)
         }
         return 0;
     case SCN_STEP_PASSWORD:
-        pthread_mutex_lock(&c->lock);
-        snprintf(c->password, sizeof c->password, "%s", st->sql);
-        pthread_mutex_unlock(&c->lock);
+        /* Acknowledged before the next step runs. */
+        if (c->drv->password(c->d, st->sql, msg, sizeof msg) < 0)
+            return fail(c, st->line, "password: %s", msg);
         return 0;
     case SCN_STEP_CLOSE: {
         double t = steps_now_ms();
-        c->drv->close(c->pool);
+        int rc = c->drv->close(c->d, msg, sizeof msg);
         c->pool_closed = 1;
         timeline(c, t, steps_now_ms(), "close", "pool closed");
+        if (rc < 0)
+            return fail(c, st->line, "close: %s", msg);
         return 0;
     }
     case SCN_STEP_EXPECT:
@@ -770,10 +751,108 @@ static int run_step(struct ctx *c, const struct scn_step *st)
     return fail(c, st->line, "internal error: unknown step");
 }
 
-/* Implicit end-of-scenario checks, after the pool is closed and destroyed. */
-static void final_checks(struct ctx *c, int fds_before)
+/* ---- Applicability ----------------------------------------------------------- */
+
+/* Whether this driver can run this scenario on this backend. Returns 0, or
+ * 1 with why: a key the driver declares unsupported, a metric or a
+ * capability it lacks. Such a case is N/A -- never a pass, never a fail. */
+static int not_applicable(struct ctx *c, char *why, size_t len)
+{
+    const struct driver_info *in = c->info;
+    const struct scn *s = c->o->scn;
+    const char *dname = in->driver;
+    int fakepq = (in->caps & DRIVER_CAP_FAKEPQ) != 0;
+    if (c->o->backend == SCN_BACKEND_FAKE && !fakepq)
+        return snprintf(why, len,
+                        "the fake backend simulates libpq inside pgfault; %s's pool does not "
+                        "use it (use the proxy backend)",
+                        dname),
+               1;
+    for (size_t i = 0; i < s->npool; i++) {
+        const char *detail;
+        int st = driver_key_status(in, s->pool[i].key, &detail);
+        if (st < 0 || st == DRIVER_KEY_UNSUPPORTED)
+            return snprintf(why, len, "pool %s: %s cannot honour it (%s)", s->pool[i].key, dname,
+                            detail),
+                   1;
+    }
+    for (size_t i = 0; i < s->nsteps; i++) {
+        const struct scn_step *st = &s->steps[i];
+        unsigned need = 0;
+        const char *what = NULL;
+        if (st->kind == SCN_STEP_MAINTAIN)
+            need = DRIVER_CAP_MAINTAIN, what = "maintain";
+        else if (st->kind == SCN_STEP_PASSWORD)
+            need = DRIVER_CAP_PASSWORD, what = "password";
+        else if (st->kind == SCN_STEP_QUEUE && !driver_has_metric(in, "waiting"))
+            return snprintf(why, len, "line %d: a queue needs pool.waiting, which %s lacks",
+                            st->line, dname),
+                   1;
+        else if (st->kind == SCN_STEP_FAULT) {
+            const struct scn_fault *f = &st->fault;
+            if ((f->kind == SCN_FAULT_CONNECT || f->kind == SCN_FAULT_CALL ||
+                 f->kind == SCN_FAULT_SLOW_CONNECT) &&
+                !fakepq)
+                return snprintf(why, len,
+                                "line %d: fault %s is injected inside fakepq; %s's pool does not "
+                                "use it",
+                                st->line, scn_fault_name(f->kind), dname),
+                       1;
+            if (f->target == SCN_TARGET_CONN && f->kind == SCN_FAULT_KILL)
+                need = DRIVER_CAP_BACKEND_PID | DRIVER_CAP_CLIENT_PORT, what = "fault kill conn";
+            else if (f->target == SCN_TARGET_CONN && !fakepq)
+                need = DRIVER_CAP_CLIENT_PORT, what = "a fault on one connection";
+        } else if (st->kind == SCN_STEP_EXPECT || st->kind == SCN_STEP_EVENTUALLY) {
+            const char *m = st->cond.metric, *dot = strchr(m, '.');
+            if (strncmp(m, "pool.", 5) == 0 && !driver_has_metric(in, m + 5))
+                return snprintf(why, len, "line %d: %s has no metric %s", st->line, dname, m), 1;
+            if (strncmp(m, "libpq.", 6) == 0 && !fakepq)
+                return snprintf(why, len,
+                                "line %d: %s counts calls into fakepq; %s's pool does not use it",
+                                st->line, m, dname),
+                       1;
+            if (dot && strcmp(dot, ".txstatus") == 0)
+                need = DRIVER_CAP_TXSTATUS, what = "txstatus";
+        }
+        if (need && (in->caps & need) != need)
+            return snprintf(
+                       why, len, "line %d: %s needs a capability %s lacks (%s)", st->line, what,
+                       dname,
+                       driver_cap_name((enum driver_cap)(need & ~in->caps & -(need & ~in->caps)))),
+                   1;
+    }
+    return 0;
+}
+
+/* ---- The run ------------------------------------------------------------------- */
+
+/* The server's sessions for the role back to zero, waited for with a
+ * deadline (the server may need a moment to notice closed sockets). */
+static void check_backends(struct ctx *c)
 {
     char msg[512];
+    long long backends = -1;
+    double deadline = steps_now_ms() + DRAIN_DEADLINE_MS;
+    for (;;) {
+        if (backend_metric(c->be, "server", "backends", &backends, msg, sizeof msg) < 0) {
+            fail(c, 0, "cannot count server backends: %s", msg);
+            return;
+        }
+        if (backends == 0 || steps_now_ms() > deadline)
+            break;
+        sleep_ms(10);
+    }
+    if (backends > 0)
+        fail(c, 0, "%lld server backend(s) still open %ds after the pool closed", backends,
+             DRAIN_DEADLINE_MS / 1000);
+    else
+        trace(c, "check", "server backends back to 0");
+}
+
+/* What fakepq and this process can see of an in-process pool: no PGconn or
+ * PGresult left, no file descriptor leaked. */
+static void check_in_process_leaks(struct ctx *c, int fds_before)
+{
     int leaks = fakepq_leaks(NULL);
     if (leaks > 0) {
         trace(c, "check", "leaks:");
@@ -787,7 +866,7 @@ static void final_checks(struct ctx *c, int fds_before)
      * sockets per connection when it sees the pool's close: wait for that
      * (with a deadline) before calling anything a leak. */
     int fds_after = count_fds();
-    double fd_deadline = steps_now_ms() + 5000;
+    double fd_deadline = steps_now_ms() + DRAIN_DEADLINE_MS;
     while (fds_before >= 0 && fds_after > fds_before && steps_now_ms() < fd_deadline) {
         sleep_ms(10);
         fds_after = count_fds();
@@ -795,23 +874,8 @@ static void final_checks(struct ctx *c, int fds_before)
     if (fds_before >= 0 && fds_after > fds_before)
         fail(c, 0, "%d file descriptor(s) leaked (%d open before the pool, %d after it closed)",
              fds_after - fds_before, fds_before, fds_after);
-    /* The server may need a moment to notice closed sockets: wait for the
-     * count with a deadline rather than checking once. */
-    long long backends = -1;
-    double deadline = steps_now_ms() + 5000;
-    for (;;) {
-        if (backend_metric(c->be, "server", "backends", &backends, msg, sizeof msg) < 0) {
-            fail(c, 0, "cannot count server backends: %s", msg);
-            break;
-        }
-        if (backends == 0 || steps_now_ms() > deadline)
-            break;
-        sleep_ms(10);
-    }
-    if (backends > 0)
-        fail(c, 0, "%lld server backend(s) still open 5s after the pool closed", backends);
-    else if (backends == 0)
-        trace(c, "check", "no leaks; server backends back to 0");
+    else
+        trace(c, "check", "no leaks: no PGconn, PGresult or file descriptor left");
 }
 
 int steps_run(const struct steps_options *o, struct steps_result *r)
@@ -820,6 +884,7 @@ int steps_run(const struct steps_options *o, struct steps_result *r)
     char msg[512];
     memset(r, 0, sizeof *r);
     r->passed = 1;
+    r->verdict = STEPS_PASS;
     if (!c) {
         snprintf(r->message, sizeof r->message, "out of memory");
         return -1;
@@ -830,32 +895,60 @@ int steps_run(const struct steps_options *o, struct steps_result *r)
     c->r = r;
     c->t0 = steps_now_ms();
     pthread_mutex_init(&c->lock, NULL);
+    int in_process = 0;
 
-    struct backend_options bo = {o->backend, o->scn, o->server_conninfo, o->seed};
     trace(c, "setup", "scenario %s on the %s backend, driver %s", o->scn->name,
-          scn_backend_name(o->backend), c->drv->name);
-    if (backend_open(&bo, &c->be, msg, sizeof msg) < 0) {
-        fail(c, 0, "backend setup: %s", msg);
+          scn_backend_name(o->backend), o->driver_name);
+    struct driver_start_args sa = {o->driver_command, event_cb, log_cb, c};
+    if (c->drv->start(&sa, &c->d, msg, sizeof msg) < 0) {
+        fail(c, 0, "driver start: %s", msg);
         goto out;
     }
-    /* The password callback starts with the server's password unless the
-     * pool line says otherwise (wrong-password scenarios). */
-    snprintf(c->password, sizeof c->password, "%s", backend_password(c->be));
+    c->info = c->drv->info(c->d);
+    in_process = (c->info->caps & DRIVER_CAP_FAKEPQ) != 0;
+    trace(c, "setup", "driver %s: pool %s %s", c->info->driver, c->info->pool, c->info->version);
+    if (not_applicable(c, msg, sizeof msg)) {
+        r->passed = 0;
+        r->verdict = STEPS_NA;
+        snprintf(r->message, sizeof r->message, "%s", msg);
+        trace(c, "N/A", "%s", msg);
+        goto out_driver;
+    }
+
+    struct backend_options bo = {o->backend, o->scn, o->server_conninfo, o->seed};
+    if (backend_open(&bo, &c->be, msg, sizeof msg) < 0) {
+        fail(c, 0, "backend setup: %s", msg);
+        goto out_driver;
+    }
+    /* The pool starts with the server's password unless the pool line says
+     * otherwise (wrong-password scenarios). */
+    const char *password = backend_password(c->be);
     for (size_t i = 0; i < o->scn->npool; i++)
         if (strcmp(o->scn->pool[i].key, "password") == 0)
-            snprintf(c->password, sizeof c->password, "%s", o->scn->pool[i].value);
+            password = o->scn->pool[i].value;
     int fds_before = count_fds();
 
+    const struct backend_endpoint *ep = backend_endpoint(c->be);
     struct driver_open_args a = {
-        .conninfo = backend_conninfo(c->be),
+        .host = ep->host,
+        .port = ep->port,
+        .user = ep->user,
+        .dbname = ep->dbname,
+        .password = password,
         .settings = o->scn->pool,
         .nsettings = o->scn->npool,
-        .password = password_cb,
-        .event = event_cb,
-        .ctx = c,
     };
-    trace(c, "setup", "pool open: %s", a.conninfo);
-    if (c->drv->open(&a, &c->pool, msg, sizeof msg) < 0) {
+    trace(c, "setup", "pool open: host=%s port=%d user=%s dbname=%s", a.host, a.port, a.user,
+          a.dbname);
+    int orc = c->drv->open(c->d, &a, msg, sizeof msg);
+    if (orc == DRIVER_NA) {
+        r->passed = 0;
+        r->verdict = STEPS_NA;
+        snprintf(r->message, sizeof r->message, "%s", msg);
+        trace(c, "N/A", "%s", msg);
+        goto out_backend;
+    }
+    if (orc < 0) {
         fail(c, 0, "pool open: %s", msg);
         goto out_backend;
     }
@@ -866,7 +959,8 @@ int steps_run(const struct steps_options *o, struct steps_result *r)
         const struct scn_step *st = &o->scn->steps[i];
         if (run_step(c, st) < 0)
             break;
-        if (c->drv->check_invariants(c->pool, msg, sizeof msg) < 0)
+        if ((c->info->caps & DRIVER_CAP_INVARIANTS) &&
+            c->drv->check_invariants(c->d, msg, sizeof msg) < 0)
             fail(c, st->line, "pool invariant broken after this step: %s", msg);
     }
 
@@ -878,23 +972,56 @@ int steps_run(const struct steps_options *o, struct steps_result *r)
             c->slots[i].running = 0;
         }
     }
-    c->drv->close(c->pool);
+    if (!c->pool_closed && c->drv->close(c->d, msg, sizeof msg) < 0)
+        fail(c, 0, "closing the pool: %s", msg);
     for (int i = 0; i < c->ngroups; i++)
         if (!c->groups[i].joined)
             (void)join_group(c, NULL, &c->groups[i]);
     for (int i = 0; i < c->nslots; i++)
         if (c->slots[i].held)
-            c->drv->release(c->pool, c->slots[i].conn);
-    c->drv->destroy(c->pool);
-    c->pool = NULL;
+            (void)c->drv->release(c->d, c->slots[i].conn, msg, sizeof msg);
     trace(c, "check", "pool closed");
-    final_checks(c, fds_before);
+    if (in_process) {
+        c->drv->destroy(c->d);
+        c->d = NULL;
+        check_in_process_leaks(c, fds_before);
+        check_backends(c);
+    } else {
+        /* A driver process's sockets close when it exits: count the
+         * server's sessions while it still runs, so a pool that leaks
+         * connections is caught rather than rescued by the exit. */
+        check_backends(c);
+    }
 
 out_backend:
     backend_close(c->be);
+out_driver:
+    if (c->d) {
+        /* A driver that broke during the wind-down is still the case's
+         * verdict. */
+        char why[700];
+        int fate = c->drv->fate(c->d, why, sizeof why);
+        if (fate && r->verdict != STEPS_CRASH && r->verdict != STEPS_HANG &&
+            r->verdict != STEPS_NA) {
+            r->passed = 0;
+            r->verdict = fate == 1 ? STEPS_CRASH : STEPS_HANG;
+            snprintf(r->message, sizeof r->message, "driver %s: %s", fate == 1 ? "crashed" : "hung",
+                     why);
+            trace(c, "FAIL", "%s", r->message);
+        }
+        c->drv->destroy(c->d);
+        c->d = NULL;
+    }
 out:
-    trace(c, r->passed ? "PASS" : "result", "%s", r->passed ? o->scn->name : "failed");
+    trace(c, r->passed ? "PASS" : "result", "%s",
+          r->passed ? o->scn->name : steps_verdict_name(r->verdict));
     pthread_mutex_destroy(&c->lock);
     free(c);
     return 0;
+}
+
+const char *steps_verdict_name(enum steps_verdict v)
+{
+    static const char *const n[] = {"PASS", "FAIL", "CRASH", "HANG", "N/A"};
+    return (unsigned)v < 5 ? n[v] : "?";
 }

@@ -22,6 +22,8 @@ struct steps_options {
     const struct scn *scn;
     enum scn_backend backend;
     const struct driver_ops *driver;
+    const char *driver_name;     /* as given to --driver, for the trace */
+    const char *driver_command;  /* exec drivers: the command line, else NULL */
     const char *server_conninfo; /* proxy backend: existing server, or NULL */
     unsigned long seed;
     FILE *trace;    /* where the step-by-step trace goes */
@@ -30,8 +32,14 @@ struct steps_options {
                      * relative to the first step */
 };
 
+/* How a case ended. CRASH and HANG here are a driver process's fate (an
+ * in-process pool that crashes takes the case child with it, and the
+ * runner sees the signal). */
+enum steps_verdict { STEPS_PASS, STEPS_FAIL, STEPS_CRASH, STEPS_HANG, STEPS_NA };
+
 struct steps_result {
-    int passed;
+    int passed; /* verdict == STEPS_PASS */
+    enum steps_verdict verdict;
     int line;           /* scenario line of the failure, 0 for setup / implicit checks */
     char message[1024]; /* why it failed */
 };
@@ -39,6 +47,9 @@ struct steps_result {
 /* Runs the scenario. Returns 0 when it ran to a verdict (r says which),
  * -1 if it could not run at all (r->message says why). */
 int steps_run(const struct steps_options *o, struct steps_result *r);
+
+/* "PASS", "FAIL", "CRASH", "HANG", "N/A". */
+const char *steps_verdict_name(enum steps_verdict v);
 
 /* Milliseconds since an arbitrary start, from CLOCK_MONOTONIC. */
 double steps_now_ms(void);

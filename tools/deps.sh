@@ -8,9 +8,12 @@
 set -u
 mode=${1:-install}
 shift || true
-# chromium and netpbm: the check that reports/index.html renders (screenshot,
+# libjansson-dev: the driver protocol's JSON. python3-psycopg2: the example
+# driver (harness/drivers/example). chromium and netpbm: the check that
+# reports/index.html renders (screenshot,
 # blank-page test).
 pkgs=(gcc make pkg-config libpq-dev libcmocka-dev lcov postgresql-15 postgresql-client-15
+    libjansson-dev python3-psycopg2
     chromium netpbm "$@")
 
 missing=()
