@@ -134,14 +134,18 @@ struct driver_open_args {
 struct driver;      /* one started driver, holding at most one pool */
 struct driver_conn; /* a connection handle, owned by the driver */
 
-/* Returns of open and of the operations that can make a case N/A. */
+/* Returns of open and of the operations that can make a case N/A, and of
+ * a start that failed because the driver process crashed or hung. */
 #define DRIVER_NA (-2)
+#define DRIVER_CRASHED (-3)
+#define DRIVER_HUNG (-4)
 
 struct driver_ops {
     const char *name; /* e.g. "pqpool", "exec" */
 
     /* Starts the driver (an exec driver spawns its process and says hello).
-     * Returns 0 and *out, or -1 with err. */
+     * Returns 0 and *out; DRIVER_CRASHED or DRIVER_HUNG when the driver
+     * process died or stopped answering; or -1 with err. */
     int (*start)(const struct driver_start_args *a, struct driver **out, char *err, size_t errlen);
 
     /* What the driver said about itself; valid until destroy. */

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "driver.h"
+#include "driver_check.h"
 #include "proxy_cli.h"
 #include "runner.h"
 #include "scenario.h"
@@ -35,33 +36,36 @@ static void usage_main(FILE *out)
                  "  run [PATH...]    run scenarios (default: scenarios/); exit 0 only if all pass\n"
                  "  list [PATH...]   list scenarios with their backends and descriptions\n"
                  "  proxy            run the TCP fault proxy in front of a server\n"
+                 "  driver-check DRIVER  check a pool driver against the driver protocol\n"
                  "\n"
                  "'pgfault COMMAND --help' describes a command's options.\n");
 }
 
 static void usage_run(FILE *out)
 {
-    fprintf(out, "usage: pgfault run [PATH...] [options]\n"
-                 "\n"
-                 "Runs every scenario file (*.scn) under PATH (default: scenarios/) on every\n"
-                 "backend it supports, each in its own child process with a watchdog.\n"
-                 "\n"
-                 "options:\n"
-                 "  -b, --backend fake|proxy|all  backends to run (default: all)\n"
-                 "  -f, --filter GLOB     only scenarios whose family/name matches, e.g. 'auth/*'\n"
-                 "  -j, --jobs N          cases run in parallel (default: one per CPU, at most 8;\n"
-                 "                        1 with -v or --server)\n"
-                 "      --shard K/N       run only the Kth of N equal slices (CI sharding)\n"
-                 "      --seed S          seed for randomized faults (default: 1)\n"
-                 "      --junit FILE      JUnit XML path (default: REPORTS/junit.xml)\n"
-                 "      --reports DIR     reports directory (default: reports)\n"
-                 "      --tap             TAP 14 on stdout (and REPORTS/results.tap)\n"
-                 "      --timeout SECONDS watchdog per case (default: 60)\n"
-                 "      --server CONNINFO use an existing server for the proxy backend\n"
-                 "                        (default: $PGFAULT_SERVER, else a throwaway one)\n"
-                 "      --driver NAME     pool driver (default: pqpool)\n"
-                 "  -v, --verbose         print each case's step-by-step trace\n"
-                 "  -h, --help            this text\n");
+    fprintf(out,
+            "usage: pgfault run [PATH...] [options]\n"
+            "\n"
+            "Runs every scenario file (*.scn) under PATH (default: scenarios/) on every\n"
+            "backend it supports, each in its own child process with a watchdog.\n"
+            "\n"
+            "options:\n"
+            "  -b, --backend fake|proxy|all  backends to run (default: all)\n"
+            "  -f, --filter GLOB     only scenarios whose family/name matches, e.g. 'auth/*'\n"
+            "  -j, --jobs N          cases run in parallel (default: one per CPU, at most 8;\n"
+            "                        1 with -v or --server)\n"
+            "      --shard K/N       run only the Kth of N equal slices (CI sharding)\n"
+            "      --seed S          seed for randomized faults (default: 1)\n"
+            "      --junit FILE      JUnit XML path (default: REPORTS/junit.xml)\n"
+            "      --reports DIR     reports directory (default: reports)\n"
+            "      --tap             TAP 14 on stdout (and REPORTS/results.tap)\n"
+            "      --timeout SECONDS watchdog per case (default: 60)\n"
+            "      --server CONNINFO use an existing server for the proxy backend\n"
+            "                        (default: $PGFAULT_SERVER, else a throwaway one)\n"
+            "      --driver NAME     pool driver: pqpool (default), example, or exec:'CMD ARGS'\n"
+            "                        (a driver process speaking docs/driver-protocol.md)\n"
+            "  -v, --verbose         print each case's step-by-step trace\n"
+            "  -h, --help            this text\n");
 }
 
 static void usage_list(FILE *out)
@@ -229,6 +233,22 @@ int main(int argc, char **argv)
         return cmd_run_or_list(argc - 1, argv + 1, 1);
     if (strcmp(cmd, "proxy") == 0)
         return proxy_cli_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "driver-check") == 0) {
+        if (argc == 3 && (strcmp(argv[2], "-h") == 0 || strcmp(argv[2], "--help") == 0)) {
+            printf("usage: pgfault driver-check DRIVER\n\n"
+                   "Starts DRIVER (a shipped driver's name, or exec:'COMMAND ARGS') and a\n"
+                   "throwaway PostgreSQL server, and checks every operation of the driver\n"
+                   "protocol (docs/driver-protocol.md), one line per check. Exit 0 if all\n"
+                   "pass, 1 if any fails, 2 for a usage error.\n");
+            return 0;
+        }
+        if (argc != 3) {
+            fprintf(stderr, "usage: pgfault driver-check DRIVER (e.g. example, or "
+                            "exec:'node my-driver.js')\n");
+            return 2;
+        }
+        return driver_check_run(argv[2], stdout);
+    }
     if (strcmp(cmd, "-h") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "help") == 0) {
         usage_main(stdout);
         return 0;
@@ -237,7 +257,9 @@ int main(int argc, char **argv)
         printf("pgfault %s\n", PGFAULT_VERSION);
         return 0;
     }
-    fprintf(stderr, "pgfault: unknown command '%s' (run, list, proxy; see 'pgfault --help')\n",
-            cmd);
+    fprintf(
+        stderr,
+        "pgfault: unknown command '%s' (run, list, proxy, driver-check; see 'pgfault --help')\n",
+        cmd);
     return 2;
 }

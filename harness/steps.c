@@ -900,8 +900,11 @@ int steps_run(const struct steps_options *o, struct steps_result *r)
     trace(c, "setup", "scenario %s on the %s backend, driver %s", o->scn->name,
           scn_backend_name(o->backend), o->driver_name);
     struct driver_start_args sa = {o->driver_command, event_cb, log_cb, c};
-    if (c->drv->start(&sa, &c->d, msg, sizeof msg) < 0) {
+    int src = c->drv->start(&sa, &c->d, msg, sizeof msg);
+    if (src < 0) {
         fail(c, 0, "driver start: %s", msg);
+        if (src == DRIVER_CRASHED || src == DRIVER_HUNG)
+            r->verdict = src == DRIVER_CRASHED ? STEPS_CRASH : STEPS_HANG;
         goto out;
     }
     c->info = c->drv->info(c->d);

@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -526,8 +527,11 @@ static int exec_start(const struct driver_start_args *a, struct driver **out, ch
         goto fail_pipes;
     }
     if (d->pid == 0) {
-        /* Stays in the case's process group; the default SIGPIPE again. */
+        /* Stays in the case's process group; the default SIGPIPE again;
+         * and dies with the case's main thread (which forks drivers) even
+         * if nobody gets to kill it. */
         signal(SIGPIPE, SIG_DFL);
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
         dup2(in[0], 0);
         dup2(outp[1], 1);
         dup2(errp[1], 2);
@@ -561,7 +565,9 @@ static int exec_start(const struct driver_start_args *a, struct driver **out, ch
     json_t *r = request(d, h, DEFAULT_DEADLINE_MS, e, sizeof e);
     if (!r) {
         bad(err, len, "driver '%s': hello: %s", a->command, e);
-        goto fail;
+        int fate = exec_fate(d, NULL, 0);
+        exec_destroy(d);
+        return fate == 1 ? DRIVER_CRASHED : fate == 2 ? DRIVER_HUNG : -1;
     }
     int rc = parse_hello(d, r, e, sizeof e);
     json_decref(r);
