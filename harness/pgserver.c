@@ -42,6 +42,8 @@
 #define CMD_TIMEOUT_MS 60000
 #define OUT_MAX 65536
 #define SUPERUSER "postgres"
+/* Timestamp, [pid], SQLSTATE: see count_auth_failures(). */
+#define LOG_LINE_PREFIX "%m [%p] %e "
 
 struct reaper {
     pid_t pid;
@@ -61,6 +63,12 @@ struct pgserver {
     struct reaper reaper;
     char host[256]; /* attached: the server's host */
     char *attached; /* attached: the conninfo given (owned), else NULL */
+    /* pgserver_auth_failures: rejections counted so far, and how far (and
+     * in which file) the log has been read. */
+    long long auth_failures;
+    off_t log_off;
+    dev_t log_dev;
+    ino_t log_ino;
 };
 
 /* The per-process template: made once, shared by every cluster. */
@@ -477,6 +485,13 @@ static int make_template_locked(const struct pgserver_options *o, char *err, siz
                "password_encryption = 'scram-sha-256'\nshared_buffers = 16MB\n"
                "max_wal_senders = 0\nwal_level = minimal\nlog_min_messages = warning\n"
                "logging_collector = off\nssl = off\n");
+    /* The log is read back by pgserver_auth_failures: every line carries
+     * its SQLSTATE (%e), and verbose puts it once more right after the
+     * severity of a message's first line only, which tells that line from
+     * its DETAIL and LOCATION lines. lc_messages C keeps the severity word
+     * "FATAL" whatever the environment's locale. */
+    fprintf(f, "log_line_prefix = '%s'\nlog_error_verbosity = verbose\nlc_messages = 'C'\n",
+            LOG_LINE_PREFIX);
     fclose(f);
     char role[200], pw[300], db[200], sql[1024];
     quote_ident(role, sizeof role, o->user);
@@ -500,6 +515,96 @@ fail:
     rm_rf(dir);
     stop_reaper(&template_reaper);
     return -1;
+}
+
+/* ---- The log -------------------------------------------------------------------------- */
+
+/* Whether one log line is the first line of a connection rejected at
+ * authentication. With LOG_LINE_PREFIX and verbose errors such a line is
+ *   2024-05-01 10:00:00.123 UTC [4242] 28P01 FATAL:  28P01: password ...
+ * Its DETAIL and LOCATION lines carry the same prefix but no SQLSTATE
+ * after their label, so each rejection is one line. */
+static int is_auth_failure_line(const char *line)
+{
+    const char *p = strstr(line, " [");
+    if (!p)
+        return 0;
+    p += 2;
+    if (*p < '0' || *p > '9')
+        return 0;
+    while (*p >= '0' && *p <= '9')
+        p++;
+    if (p[0] != ']' || p[1] != ' ')
+        return 0;
+    p += 2;
+    char state[6];
+    if (strlen(p) < 6 || p[5] != ' ')
+        return 0;
+    memcpy(state, p, 5);
+    state[5] = '\0';
+    if (strcmp(state, "28P01") != 0 && strcmp(state, "28000") != 0)
+        return 0;
+    p += 6;
+    char want[32];
+    snprintf(want, sizeof want, "FATAL:  %s: ", state);
+    return strncmp(p, want, strlen(want)) == 0;
+}
+
+/* Reads the log from where the last call stopped (from the start if the
+ * file was replaced or truncated) and adds the rejections found. Only
+ * complete lines are read: a line being written is read next time. */
+static int count_auth_failures(struct pgserver *s, char *err, size_t errlen)
+{
+    int fd = open(s->log, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT && s->log_off == 0)
+            return 0; /* never started: nothing logged yet */
+        return fail(err, errlen, "%s: %s", s->log, strerror(errno));
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int e = errno;
+        close(fd);
+        return fail(err, errlen, "%s: %s", s->log, strerror(e));
+    }
+    if (st.st_dev != s->log_dev || st.st_ino != s->log_ino || st.st_size < s->log_off) {
+        s->log_dev = st.st_dev;
+        s->log_ino = st.st_ino;
+        s->log_off = 0;
+    }
+    /* A line's first bytes are enough to classify it. */
+    char head[160];
+    size_t hlen = 0;
+    off_t pos = s->log_off, done = s->log_off;
+    long long found = 0;
+    char buf[65536];
+    for (;;) {
+        ssize_t n = pread(fd, buf, sizeof buf, pos);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            int e = errno;
+            close(fd);
+            return fail(err, errlen, "%s: %s", s->log, strerror(e));
+        }
+        if (n == 0)
+            break;
+        for (ssize_t i = 0; i < n; i++) {
+            if (buf[i] == '\n') {
+                head[hlen] = '\0';
+                found += is_auth_failure_line(head);
+                hlen = 0;
+                done = pos + i + 1;
+            } else if (hlen + 1 < sizeof head) {
+                head[hlen++] = buf[i];
+            }
+        }
+        pos += n;
+    }
+    close(fd);
+    s->auth_failures += found;
+    s->log_off = done;
+    return 0;
 }
 
 /* ---- Public API ---------------------------------------------------------------------- */
@@ -670,6 +775,12 @@ int pgserver_start(struct pgserver *s, char *err, size_t errlen)
     NOT_ATTACHED(s, "starting the server");
     char pg_ctl[PATH_MAX + 16], opts[PATH_MAX + 256], out[OUT_MAX], e[512];
     bin(pg_ctl, sizeof pg_ctl, "pg_ctl");
+    /* pg_ctl appends to the log, so restarts keep it; should a start ever
+     * replace it, what the last run logged has been counted first. A
+     * failure here shows again in pgserver_auth_failures. */
+    if (count_auth_failures(s, e, sizeof e) < 0) {
+        /* Reported by the next pgserver_auth_failures. */
+    }
     /* The first start picks a free port (unless the caller chose one);
      * later starts keep it, so clients and proxies keep pointing at it. A
      * picked port can be taken between the probe and the postmaster's
@@ -692,9 +803,12 @@ int pgserver_start(struct pgserver *s, char *err, size_t errlen)
                 return -1;
             return 0;
         }
+        /* The end of the log: this attempt's words (restarts append). */
         char logtext[4096] = "";
         FILE *f = fopen(s->log, "r");
         if (f) {
+            if (fseek(f, -(long)(sizeof logtext - 1), SEEK_END) < 0)
+                rewind(f);
             size_t n = fread(logtext, 1, sizeof logtext - 1, f);
             logtext[n] = '\0';
             fclose(f);
@@ -704,7 +818,7 @@ int pgserver_start(struct pgserver *s, char *err, size_t errlen)
             continue;
         }
         return fail(err, errlen, "pg_ctl start (port %d): %s; server.log: %s", s->port,
-                    rc < 0 ? e : tail(out, 2), tail(logtext, 3));
+                    rc < 0 ? e : tail(out, 2), tail(logtext, 6));
     }
     return fail(err, errlen, "pg_ctl start: no port could be bound");
 }
@@ -825,6 +939,18 @@ int pgserver_count_backends(struct pgserver *s, const char *appname, char *err, 
     if (sql_as_superuser(s, "postgres", sql, out, sizeof out, err, errlen) < 0)
         return -1;
     return atoi(out);
+}
+
+int pgserver_auth_failures(struct pgserver *s, long long *out, char *err, size_t errlen)
+{
+    if (s->attached)
+        return fail(err, errlen,
+                    "authentication failures are counted from the server's log, which only a "
+                    "throwaway server has; this one was given with --server");
+    if (count_auth_failures(s, err, errlen) < 0)
+        return -1;
+    *out = s->auth_failures;
+    return 0;
 }
 
 int pgserver_set_password(struct pgserver *s, const char *password, char *err, size_t errlen)

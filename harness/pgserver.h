@@ -121,6 +121,21 @@ int pgserver_terminate(struct pgserver *s, enum pgserver_which which, const char
  * the count, or -1. */
 int pgserver_count_backends(struct pgserver *s, const char *appname, char *err, size_t errlen);
 
+/* Sets *out to how many connection attempts the server has rejected at
+ * authentication since s was created, across restarts: SQLSTATE 28P01
+ * (password authentication failed, also for an unknown role over TCP) and
+ * 28000 (no pg_hba.conf entry, role does not exist or may not log in).
+ * Other startup FATALs (53300 too many clients, 3D000 no such database) and
+ * clients that leave mid-authentication are not rejections.
+ * Counted from the server's log (<dir>/server.log, one FATAL line per
+ * rejection, matched by SQLSTATE), which the server writes before it answers
+ * the client, so a failed connect is counted when the client sees it. Each
+ * call reads only what was logged since the previous one; not for concurrent
+ * use with other calls on s. An attached server (pgserver_attach) has no log
+ * to read: -1, err says so; -1 too if the log cannot be read. */
+int pgserver_auth_failures(struct pgserver *s, long long *out, char *err,
+                           size_t errlen) PGSERVER_MUSTCHECK;
+
 /* ALTER ROLE ... PASSWORD. Existing sessions are unaffected. */
 int pgserver_set_password(struct pgserver *s, const char *password, char *err,
                           size_t errlen) PGSERVER_MUSTCHECK;

@@ -652,6 +652,9 @@ static void conn_kill(struct conn *c)
     c->dnext = p->dead;
     p->dead = c;
     p->st.active--;
+    /* The one place every connection ends, once (c->dead guards it). */
+    if (c->phase == FPROXY_PHASE_STARTUP || c->phase == FPROXY_PHASE_AUTH)
+        p->st.ended_before_ready++;
 }
 
 static void conn_free(struct conn *c)
@@ -702,6 +705,7 @@ static void accept_one(struct fproxy *p, int fd, const struct sockaddr_in *peer)
     uint64_t id = p->st.accepted;
     if (p->accept_close) {
         p->st.refused++;
+        p->st.ended_before_ready++;
         struct endpoint e = {.fd = fd};
         close_side(&e, false);
         /* A pending `nth` rule for this id can never fire now. */
@@ -720,6 +724,7 @@ static void accept_one(struct fproxy *p, int fd, const struct sockaddr_in *peer)
     struct conn *c = calloc(1, sizeof *c);
     if (!c) {
         close(fd);
+        p->st.ended_before_ready++;
         return;
     }
     c->p = p;
@@ -749,6 +754,7 @@ static void accept_one(struct fproxy *p, int fd, const struct sockaddr_in *peer)
     if (ep_add(p, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, &c->ep[CLI].ev) < 0) {
         close(fd);
         conn_free(c);
+        p->st.ended_before_ready++;
         return;
     }
     c->prev = p->conns_tail;
@@ -788,7 +794,11 @@ static void start_upstream(struct conn *c)
         goto fail;
     }
     c->ep[SRV].fd = fd;
-    c->ep[SRV].can_read = true;
+    /* Neither read nor written until the connect completes: a recv on a
+     * socket whose connect failed returns the error and clears SO_ERROR,
+     * and the failure would then look like a server that went away rather
+     * than a failed connect (sock_event decides, from SO_ERROR). */
+    c->ep[SRV].can_read = false;
     c->ep[SRV].can_write = false;
     c->connecting = true;
     if (ep_add(p, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, &c->ep[SRV].ev) < 0) {
@@ -1249,9 +1259,10 @@ static bool pump_dir(struct conn *c, int d, int64_t now)
     struct endpoint *src = &c->ep[d == UP ? CLI : SRV];
     struct endpoint *dst = &c->ep[d == UP ? SRV : CLI];
     bool dst_ready = d == UP ? c->connected : true;
+    bool src_ready = d == DOWN ? c->connected : true;
     for (;;) {
         bool progress = false;
-        while (src->fd >= 0 && src->can_read && !x->src_eof && !x->src_err) {
+        while (src_ready && src->fd >= 0 && src->can_read && !x->src_eof && !x->src_err) {
             if (x->tail == x->head)
                 x->head = x->tail = 0;
             if (x->head > 0 && p->bufsize - x->tail < p->bufsize / 4) {
@@ -1427,9 +1438,13 @@ static void sock_event(struct endpoint *e, uint32_t events)
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
         e->can_write = true;
     if (e == &c->ep[SRV] && c->connecting && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
+        /* The connect completed, one way or the other. Nothing has read
+         * the socket yet (see start_upstream), so SO_ERROR still holds the
+         * reason of a failure; this is the one place that counts it. */
         int soerr = 0;
         socklen_t l = sizeof soerr;
-        getsockopt(e->fd, SOL_SOCKET, SO_ERROR, &soerr, &l);
+        if (getsockopt(e->fd, SOL_SOCKET, SO_ERROR, &soerr, &l) < 0)
+            soerr = errno;
         c->connecting = false;
         if (soerr != 0) {
             c->p->st.upstream_failures++;
@@ -1438,9 +1453,10 @@ static void sock_event(struct endpoint *e, uint32_t events)
             return;
         }
         c->connected = true;
+        e->can_read = true; /* a read that finds nothing costs one EAGAIN */
     }
     if (e == &c->ep[SRV] && !c->connected)
-        e->can_write = false;
+        e->can_read = e->can_write = false;
     pump(c);
 }
 
@@ -2161,11 +2177,11 @@ static void stats_line(struct fproxy *p, struct sbuf *out)
     const struct fproxy_stats *s = &p->st;
     sb_printf(out,
               "ok accepted=%llu refused=%llu upstream_connects=%llu upstream_failures=%llu "
-              "active=%llu bytes_up=%llu bytes_down=%llu resets=%llu closes=%llu injected=%llu "
-              "query_matches=%llu listening=%d",
-              s->accepted, s->refused, s->upstream_connects, s->upstream_failures, s->active,
-              s->bytes_up, s->bytes_down, s->resets, s->closes, s->injected, s->query_matches,
-              s->listening);
+              "ended_before_ready=%llu active=%llu bytes_up=%llu bytes_down=%llu resets=%llu "
+              "closes=%llu injected=%llu query_matches=%llu listening=%d",
+              s->accepted, s->refused, s->upstream_connects, s->upstream_failures,
+              s->ended_before_ready, s->active, s->bytes_up, s->bytes_down, s->resets, s->closes,
+              s->injected, s->query_matches, s->listening);
 }
 
 static void conns_line(struct fproxy *p, struct sbuf *out)

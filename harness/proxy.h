@@ -92,7 +92,8 @@
  *                                retarget: partitions resume forwarding,
  *                                hung connects connect, the listener
  *                                re-opens
- *   stats                        ok accepted=N refused=N ... (the counters)
+ *   stats                        ok accepted=N refused=N ... (the counters of
+ *                                struct fproxy_stats, one key=value each)
  *   conns                        ok N conns: one "id=.. phase=.. idle_ms=..
  *                                up=.. down=.." group per connection, "; "
  *                                separated, on one line
@@ -160,18 +161,28 @@ int fproxy_port(const struct fproxy *p);
 int fproxy_command(struct fproxy *p, const char *line, char *reply, size_t replylen);
 
 struct fproxy_stats {
-    unsigned long long accepted;          /* connections accepted (ids handed out) */
-    unsigned long long refused;           /* accepted and closed by accept-close */
-    unsigned long long upstream_connects; /* upstream connect attempts */
-    unsigned long long upstream_failures; /* of those, failed */
-    unsigned long long active;            /* connections open now */
-    unsigned long long bytes_up;          /* client to server, forwarded */
-    unsigned long long bytes_down;        /* server to client, forwarded (injected included) */
-    unsigned long long resets;            /* connections reset by a fault */
-    unsigned long long closes;            /* connections closed by a fault */
-    unsigned long long injected;          /* ErrorResponses injected */
-    unsigned long long query_matches;     /* on-query matches */
-    int listening;                        /* 0 while refusing */
+    unsigned long long accepted;           /* connections accepted (ids handed out) */
+    unsigned long long refused;            /* accepted and closed by accept-close */
+    unsigned long long upstream_connects;  /* upstream connect attempts */
+    unsigned long long upstream_failures;  /* of those, failed: refused, unreachable, reset or
+                                            * timed out before the connect completed; each once.
+                                            * An attempt abandoned first (the client left, a
+                                            * fault ended the connection) is not a failure */
+    unsigned long long ended_before_ready; /* accepted connections that ended in phase startup
+                                            * or auth, i.e. before the server's first
+                                            * ReadyForQuery: failed logins, startup errors,
+                                            * refused upstreams, clients that gave up, and
+                                            * those closed by accept-close (also in refused).
+                                            * Not tls/raw ones (CancelRequest, encrypted),
+                                            * whose phase the proxy cannot follow */
+    unsigned long long active;             /* connections open now */
+    unsigned long long bytes_up;           /* client to server, forwarded */
+    unsigned long long bytes_down;         /* server to client, forwarded (injected included) */
+    unsigned long long resets;             /* connections reset by a fault */
+    unsigned long long closes;             /* connections closed by a fault */
+    unsigned long long injected;           /* ErrorResponses injected */
+    unsigned long long query_matches;      /* on-query matches */
+    int listening;                         /* 0 while refusing */
 };
 
 /* Copies a consistent snapshot of the counters. Returns 0, or -1 if the

@@ -18,6 +18,8 @@
 
 #include <cmocka.h>
 
+#include <libpq-fe.h>
+
 #include "pgserver.h"
 
 static struct pgserver *srv;
@@ -242,6 +244,95 @@ static void test_second_cluster_is_fast_and_separate(void **state)
     assert_int_equal(stat(dir, &st), -1);
 }
 
+static long long auth_failures(struct pgserver *s)
+{
+    char err[512];
+    long long n = -1;
+    if (pgserver_auth_failures(s, &n, err, sizeof err) < 0)
+        fail_msg("pgserver_auth_failures: %s", err);
+    return n;
+}
+
+/* Connects with libpq (fakepq in passthrough mode, i.e. the real libpq) as
+ * user with password to dbname; returns 1 if the session was set up. The
+ * error message, if any, goes to msg. */
+static int try_login(const char *user, const char *password, const char *dbname, char *msg,
+                     size_t len)
+{
+    char ci[512];
+    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=%s password=%s dbname=%s",
+             pgserver_port(srv), user, password, dbname);
+    PGconn *c = PQconnectdb(ci);
+    assert_non_null(c);
+    int ok = PQstatus(c) == CONNECTION_OK;
+    snprintf(msg, len, "%s", PQerrorMessage(c));
+    PQfinish(c);
+    return ok;
+}
+
+static void test_auth_failures_counted_from_log(void **state)
+{
+    char msg[1024], err[512];
+    long long base = auth_failures(srv);
+    assert_true(base >= 0);
+    /* Asking again without new attempts reads nothing twice. */
+    assert_int_equal(auth_failures(srv), base);
+
+    assert_false(try_login("pgfault", "wrong", "pgfault", msg, sizeof msg));
+    assert_non_null(strstr(msg, "password authentication failed"));
+    assert_int_equal(auth_failures(srv), base + 1);
+    assert_true(try_login("pgfault", pgserver_password(srv), "pgfault", msg, sizeof msg));
+    assert_int_equal(auth_failures(srv), base + 1);
+
+    /* An unknown role over TCP is a password failure too (28P01); a role
+     * that may not log in is 28000. */
+    assert_false(try_login("nobody", "x", "pgfault", msg, sizeof msg));
+    assert_int_equal(
+        pgserver_sql(srv, "CREATE ROLE nologin PASSWORD 'x' NOLOGIN", NULL, 0, err, sizeof err), 0);
+    assert_false(try_login("nologin", "x", "pgfault", msg, sizeof msg));
+    assert_non_null(strstr(msg, "not permitted to log in"));
+    assert_int_equal(pgserver_sql(srv, "DROP ROLE nologin", NULL, 0, err, sizeof err), 0);
+    assert_int_equal(auth_failures(srv), base + 3);
+
+    /* Not rejections: a missing database (3D000). */
+    assert_false(try_login("pgfault", pgserver_password(srv), "nosuchdb", msg, sizeof msg));
+    assert_non_null(strstr(msg, "does not exist"));
+    assert_int_equal(auth_failures(srv), base + 3);
+
+    /* Restarts append to the log: nothing lost, nothing counted twice,
+     * also for failures not yet asked about when the server stopped. */
+    for (int i = 0; i < 3; i++)
+        assert_false(try_login("pgfault", "wrong", "pgfault", msg, sizeof msg));
+    assert_int_equal(pgserver_restart(srv, PGSERVER_STOP_FAST, err, sizeof err), 0);
+    assert_int_equal(auth_failures(srv), base + 6);
+    assert_false(try_login("pgfault", "wrong", "pgfault", msg, sizeof msg));
+    assert_int_equal(pgserver_restart(srv, PGSERVER_STOP_IMMEDIATE, err, sizeof err), 0);
+    assert_int_equal(auth_failures(srv), base + 7);
+    assert_true(try_login("pgfault", pgserver_password(srv), "pgfault", msg, sizeof msg));
+    assert_int_equal(auth_failures(srv), base + 7);
+
+    /* A second cluster counts its own, from zero, before its first start
+     * too. */
+    struct pgserver *two = NULL;
+    assert_int_equal(pgserver_create(NULL, &two, err, sizeof err), 0);
+    assert_int_equal(auth_failures(two), 0);
+    assert_int_equal(pgserver_start(two, err, sizeof err), 0);
+    assert_int_equal(auth_failures(two), 0);
+    pgserver_destroy(two);
+    assert_int_equal(auth_failures(srv), base + 7);
+
+    /* An attached server has no log to read. */
+    char ci[512];
+    struct pgserver *att = NULL;
+    assert_int_equal(pgserver_conninfo(srv, ci, sizeof ci, NULL), 0);
+    assert_int_equal(pgserver_attach(ci, &att, err, sizeof err), 0);
+    long long n = 42;
+    assert_int_equal(pgserver_auth_failures(att, &n, err, sizeof err), -1);
+    assert_non_null(strstr(err, "--server"));
+    assert_int_equal(n, 42);
+    pgserver_destroy(att);
+}
+
 /* Forks an owner that creates and starts a cluster, reports its dir and
  * postmaster pid, then waits to be killed with sig. Checks that the reaper
  * removes everything. */
@@ -315,6 +406,7 @@ int main(void)
         cmocka_unit_test(test_password_change),
         cmocka_unit_test(test_max_connections),
         cmocka_unit_test(test_second_cluster_is_fast_and_separate),
+        cmocka_unit_test(test_auth_failures_counted_from_log),
         cmocka_unit_test(test_sigkill_of_owner_leaves_nothing),
         cmocka_unit_test(test_sigterm_of_owner_leaves_nothing),
         cmocka_unit_test(test_sigint_of_owner_leaves_nothing),

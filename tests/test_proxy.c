@@ -1034,6 +1034,119 @@ static void test_retarget_failover(void **state)
     PQfinish(c3);
 }
 
+/* Regression: a refused upstream connect must count as a failure, exactly
+ * once, whichever way the proxy learns of it (the refusal can already be
+ * pending when the connection is first pumped, or arrive as an epoll event),
+ * and a successful connect must not count. */
+static void test_upstream_refused_counts_failures(void **state)
+{
+    struct fixture *f = *state;
+    ok(f, "retarget 127.0.0.1:1");
+    for (int i = 0; i < 3; i++) {
+        PGconn *c = connect_via(f, NULL);
+        assert_int_equal(PQstatus(c), CONNECTION_BAD);
+        PQfinish(c);
+    }
+    /* A plain socket that sends nothing: the proxy connects upstream at
+     * accept and must count the refusal without client traffic. */
+    int fd = tcp_connect(fproxy_port(f->p));
+    char b;
+    assert_true(wait_readable(fd, 5000) >= 0);
+    assert_true(recv(fd, &b, 1, 0) <= 0);
+    close(fd);
+    wait_active(f, 0);
+    struct fproxy_stats s = stats(f);
+    assert_int_equal(s.accepted, 4);
+    assert_int_equal(s.upstream_connects, 4);
+    assert_int_equal(s.upstream_failures, 4);
+
+    /* A hung connection released by heal into a refusing upstream. */
+    ok(f, "hang-connect on");
+    fd = tcp_connect(fproxy_port(f->p));
+    wait_active(f, 1);
+    assert_int_equal(stats(f).upstream_connects, 4);
+    ok(f, "heal");
+    assert_true(wait_readable(fd, 5000) >= 0);
+    assert_true(recv(fd, &b, 1, 0) <= 0);
+    close(fd);
+    wait_active(f, 0);
+    s = stats(f);
+    assert_int_equal(s.upstream_connects, 5);
+    assert_int_equal(s.upstream_failures, 5);
+
+    /* Back to a live server: successes do not count as failures. */
+    ok(f, "retarget 127.0.0.1:%d", pgserver_port(srv_a));
+    for (int i = 0; i < 2; i++) {
+        PGconn *c = connect_via(f, NULL);
+        assert_int_equal(PQstatus(c), CONNECTION_OK);
+        PQfinish(c);
+    }
+    wait_active(f, 0);
+    s = stats(f);
+    assert_int_equal(s.accepted, 7);
+    assert_int_equal(s.upstream_connects, 7);
+    assert_int_equal(s.upstream_failures, 5);
+    assert_int_equal(s.ended_before_ready, 5);
+}
+
+/* ended_before_ready counts the connections that never got a session: a
+ * login the server rejects, an injected startup error, accept-close, a
+ * client that leaves before its StartupMessage. Sessions that reached
+ * ReadyForQuery and CancelRequests (phase raw) do not count. */
+static void test_ended_before_ready(void **state)
+{
+    struct fixture *f = *state;
+    PGconn *c = connect_via(f, NULL);
+    assert_int_equal(PQstatus(c), CONNECTION_OK);
+    PGcancel *cancel = PQgetCancel(c);
+    assert_non_null(cancel);
+    char errbuf[256];
+    assert_int_equal(PQcancel(cancel, errbuf, sizeof errbuf), 1);
+    PQfreeCancel(cancel);
+    PQfinish(c);
+    wait_active(f, 0);
+    struct fproxy_stats s = stats(f);
+    assert_int_equal(s.accepted, 2);
+    assert_int_equal(s.ended_before_ready, 0);
+
+    /* The real server rejects a wrong password. */
+    char ci[512];
+    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=%s password=wrong dbname=%s",
+             fproxy_port(f->p), pgserver_user(srv_a), pgserver_dbname(srv_a));
+    c = PQconnectdb(ci);
+    assert_int_equal(PQstatus(c), CONNECTION_BAD);
+    assert_non_null(strstr(PQerrorMessage(c), "password authentication failed"));
+    PQfinish(c);
+    wait_active(f, 0);
+    assert_int_equal(stats(f).ended_before_ready, 1);
+
+    ok(f, "inject startup-error 53300");
+    c = connect_via(f, NULL);
+    assert_int_equal(PQstatus(c), CONNECTION_BAD);
+    PQfinish(c);
+    ok(f, "heal");
+    ok(f, "accept-close on");
+    c = connect_via(f, NULL);
+    assert_int_equal(PQstatus(c), CONNECTION_BAD);
+    PQfinish(c);
+    ok(f, "accept-close off");
+    close(tcp_connect(fproxy_port(f->p)));
+    /* The proxy may not have accepted it yet. */
+    double t0 = now_ms();
+    while (stats(f).accepted < 6)
+        assert_true(now_ms() - t0 < 5000);
+    wait_active(f, 0);
+    assert_int_equal(stats(f).ended_before_ready, 4);
+
+    c = connect_via(f, NULL);
+    assert_int_equal(PQstatus(c), CONNECTION_OK);
+    PQfinish(c);
+    wait_active(f, 0);
+    s = stats(f);
+    assert_int_equal(s.accepted, 7);
+    assert_int_equal(s.ended_before_ready, 4);
+}
+
 static void test_on_query_rules(void **state)
 {
     struct fixture *f = *state;
@@ -1263,6 +1376,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_backpressure_bounds_buffers_loses_nothing, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_retarget_failover, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_upstream_refused_counts_failures, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_ended_before_ready, setup, teardown),
         cmocka_unit_test_setup_teardown(test_on_query_rules, setup, teardown),
         cmocka_unit_test_setup_teardown(test_control_socket_bad_input, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stop_is_idempotent, setup, teardown),
