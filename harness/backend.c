@@ -545,6 +545,38 @@ int backend_metric(struct backend *b, const char *source, const char *name, long
                    size_t len)
 {
     struct fakepq_counters fc;
+    /* Pool-neutral counts of the server side, for any pool: connection
+     * attempts that reached the server's address, and those it rejected at
+     * authentication. Fake backend: fakepq's simulated server (a refused
+     * attempt never reached it). Proxy backend: the connections the proxy
+     * accepted, and the server's own log (pgserver_auth_failures). */
+    if (strcmp(source, "server") == 0 &&
+        (strcmp(name, "connect_attempts") == 0 || strcmp(name, "auth_failures") == 0)) {
+        int attempts = strcmp(name, "connect_attempts") == 0;
+        if (b->kind == SCN_BACKEND_FAKE) {
+            fakepq_get_counters(&fc);
+            *v = attempts ? fc.connect_attempts - fc.connect_outcomes[FAKEPQ_OUT_REFUSED]
+                          : fc.connect_outcomes[FAKEPQ_OUT_AUTH];
+            return 0;
+        }
+        if (attempts) {
+            struct fproxy_stats ps;
+            if (fproxy_get_stats(b->proxy, &ps) < 0)
+                return err(msg, len, "server.connect_attempts: the proxy has stopped");
+            *v = (long long)ps.accepted;
+            return 0;
+        }
+        long long total = 0;
+        for (int i = 0; i < b->nservers; i++) {
+            long long n = 0;
+            char e[512];
+            if (pgserver_auth_failures(b->servers[i], &n, e, sizeof e) < 0)
+                return err(msg, len, "server.auth_failures: %s", e);
+            total += n;
+        }
+        *v = total;
+        return 0;
+    }
     if (strcmp(source, "libpq") == 0 ||
         (strcmp(source, "server") == 0 && b->kind == SCN_BACKEND_FAKE)) {
         fakepq_get_counters(&fc);
@@ -586,7 +618,8 @@ int backend_metric(struct backend *b, const char *source, const char *name, long
     }
     if (strcmp(source, "server") == 0) {
         if (strcmp(name, "backends") != 0)
-            return err(msg, len, "server.%s: unknown (backends)", name);
+            return err(msg, len, "server.%s: unknown (backends, connect_attempts, auth_failures)",
+                       name);
         char e[512];
         long long total = 0;
         for (int i = 0; i < b->nservers; i++) {
@@ -612,6 +645,8 @@ int backend_metric(struct backend *b, const char *source, const char *name, long
             *v = (long long)ps.upstream_connects;
         else if (strcmp(name, "upstream_failures") == 0)
             *v = (long long)ps.upstream_failures;
+        else if (strcmp(name, "ended_before_ready") == 0)
+            *v = (long long)ps.ended_before_ready;
         else if (strcmp(name, "active") == 0)
             *v = (long long)ps.active;
         else if (strcmp(name, "resets") == 0)
@@ -621,7 +656,7 @@ int backend_metric(struct backend *b, const char *source, const char *name, long
         else
             return err(msg, len,
                        "proxy.%s: unknown (accepted, refused, upstream_connects, "
-                       "upstream_failures, active, resets, injected)",
+                       "upstream_failures, ended_before_ready, active, resets, injected)",
                        name);
         return 0;
     }
