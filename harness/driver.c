@@ -111,3 +111,52 @@ int driver_has_metric(const struct driver_info *info, const char *name)
     }
     return 0;
 }
+
+int driver_resolve_settings(const struct driver_info *info, const char *const *given, size_t ngiven,
+                            char out[][80], char *err, size_t errlen)
+{
+    for (size_t g = 0; g < ngiven; g++) {
+        const char *eq = strchr(given[g], '=');
+        int found = 0;
+        for (int i = 0; eq && i < info->ndsettings; i++) {
+            if (strlen(info->dsettings[i].key) != (size_t)(eq - given[g]) ||
+                strncmp(info->dsettings[i].key, given[g], (size_t)(eq - given[g])) != 0)
+                continue;
+            found = 1;
+            int ok = 0;
+            char vals[300] = "";
+            for (int v = 0; v < info->dsettings[i].nvalues; v++) {
+                ok |= strcmp(info->dsettings[i].values[v], eq + 1) == 0;
+                size_t l = strlen(vals);
+                snprintf(vals + l, sizeof vals - l, "%s%s", v ? ", " : "",
+                         info->dsettings[i].values[v]);
+            }
+            if (!ok) {
+                snprintf(err, errlen, "driver setting %s: '%s' is not one of %s", given[g], eq + 1,
+                         vals);
+                return -1;
+            }
+        }
+        if (!found) {
+            char keys[300] = "";
+            for (int i = 0; i < info->ndsettings; i++) {
+                size_t l = strlen(keys);
+                snprintf(keys + l, sizeof keys - l, "%s%s", i ? ", " : "", info->dsettings[i].key);
+            }
+            snprintf(err, errlen, "driver setting '%s': %s (the %s driver has %s)", given[g],
+                     eq ? "unknown key" : "expected KEY=VALUE", info->driver,
+                     keys[0] ? keys : "no settings");
+            return -1;
+        }
+    }
+    int n = 0;
+    for (int i = 0; i < info->ndsettings; i++) {
+        const char *value = info->dsettings[i].def;
+        size_t kl = strlen(info->dsettings[i].key);
+        for (size_t g = 0; g < ngiven; g++)
+            if (strncmp(given[g], info->dsettings[i].key, kl) == 0 && given[g][kl] == '=')
+                value = given[g] + kl + 1;
+        snprintf(out[n++], 80, "%s=%s", info->dsettings[i].key, value);
+    }
+    return n;
+}

@@ -67,6 +67,8 @@ enum driver_cap {
 
 #define DRIVER_MAX_KEYS 48
 #define DRIVER_MAX_METRICS 64
+#define DRIVER_MAX_DSETTINGS 8
+#define DRIVER_MAX_DVALUES 8
 
 /* What a driver says about itself (the protocol's `hello`). */
 struct driver_info {
@@ -82,6 +84,17 @@ struct driver_info {
     char metrics[DRIVER_MAX_METRICS][48]; /* pool.* names; "x.*" is a family */
     int nmetrics;
     unsigned caps; /* enum driver_cap */
+    /* Settings of the driver itself: how the application around the pool
+     * behaves (node-postgres: whether it listens for 'error'). Chosen with
+     * --driver-setting KEY=VALUE; sent with open. */
+    struct {
+        char key[32];
+        char values[DRIVER_MAX_DVALUES][32];
+        int nvalues;
+        char def[32];
+        char meaning[200];
+    } dsettings[DRIVER_MAX_DSETTINGS];
+    int ndsettings;
 };
 
 /* Facts about one connection; -1 (or DRIVER_TX_NONE) where unknown. */
@@ -129,6 +142,10 @@ struct driver_open_args {
     const char *password;               /* until driver_ops.password changes it */
     const struct scn_setting *settings; /* the scenario's `pool` line, typed */
     size_t nsettings;
+    /* "key=value" for every driver setting the driver declared, defaults
+     * filled in (driver_resolve_settings). */
+    const char *const *driver_settings;
+    size_t ndriver_settings;
 };
 
 struct driver;      /* one started driver, holding at most one pool */
@@ -225,6 +242,14 @@ const char *driver_cap_name(enum driver_cap c);
 
 /* The entry for a pool key in info, or NULL if the driver does not say. */
 int driver_key_status(const struct driver_info *info, const char *key, const char **detail);
+
+/* Checks the user's --driver-setting KEY=VALUE list against what info
+ * declares and writes every declared setting as "key=value" into out (at
+ * most DRIVER_MAX_DSETTINGS, each of outlen bytes), the user's value or
+ * the default. Returns how many, or -1 with err naming the unknown key or
+ * value and what is accepted. */
+int driver_resolve_settings(const struct driver_info *info, const char *const *given, size_t ngiven,
+                            char out[][80], char *err, size_t errlen);
 
 /* Whether info lists pool.<name> (families "x.*" match "x.y"). */
 int driver_has_metric(const struct driver_info *info, const char *name);

@@ -251,9 +251,22 @@ static void run_checks(struct checker *k, struct pgserver *srv)
             nset++;
         }
     }
-    struct driver_open_args oa = {pgserver_host(srv),   pgserver_port(srv),     pgserver_user(srv),
-                                  pgserver_dbname(srv), pgserver_password(srv), set,
-                                  (size_t)nset};
+    char ds[DRIVER_MAX_DSETTINGS][80];
+    const char *dsp[DRIVER_MAX_DSETTINGS];
+    int nds = driver_resolve_settings(k->info, NULL, 0, ds, err, sizeof err);
+    for (int i = 0; i < nds; i++)
+        dsp[i] = ds[i];
+    struct driver_open_args oa = {
+        .host = pgserver_host(srv),
+        .port = pgserver_port(srv),
+        .user = pgserver_user(srv),
+        .dbname = pgserver_dbname(srv),
+        .password = pgserver_password(srv),
+        .settings = set,
+        .nsettings = (size_t)nset,
+        .driver_settings = dsp,
+        .ndriver_settings = nds > 0 ? (size_t)nds : 0,
+    };
     int orc = k->ops->open(k->d, &oa, err, sizeof err);
     if (check(k, orc == 0, "open: max=2 min_idle=0 acquire_timeout=5s%s%s", orc ? " -- " : "",
               orc ? err : "") < 0)

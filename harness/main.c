@@ -64,6 +64,8 @@ static void usage_run(FILE *out)
             "                        (default: $PGFAULT_SERVER, else a throwaway one)\n"
             "      --driver NAME     pool driver: pqpool (default), example, or exec:'CMD ARGS'\n"
             "                        (a driver process speaking docs/driver-protocol.md)\n"
+            "      --driver-setting KEY=VALUE  a setting of the driver itself, e.g.\n"
+            "                        error_listener=off (repeatable; the driver lists them)\n"
             "  -v, --verbose         print each case's step-by-step trace\n"
             "  -h, --help            this text\n");
 }
@@ -104,6 +106,8 @@ static int cmd_run_or_list(int argc, char **argv, int list)
 {
     const char *cmd = list ? "list" : "run";
     struct runner_options o = {0};
+    static const char *ds[16];
+    size_t nds = 0;
     o.backends = SCN_BACKEND_ALL;
     o.jobs = 0; /* chosen after the options: see default_jobs() */
     o.seed = 1;
@@ -115,13 +119,21 @@ static int cmd_run_or_list(int argc, char **argv, int list)
         o.server_conninfo = NULL;
 
     static const struct option longopts[] = {
-        {"backend", required_argument, NULL, 'b'}, {"filter", required_argument, NULL, 'f'},
-        {"jobs", required_argument, NULL, 'j'},    {"shard", required_argument, NULL, 1},
-        {"seed", required_argument, NULL, 2},      {"junit", required_argument, NULL, 3},
-        {"reports", required_argument, NULL, 4},   {"tap", no_argument, NULL, 5},
-        {"timeout", required_argument, NULL, 6},   {"server", required_argument, NULL, 7},
-        {"driver", required_argument, NULL, 8},    {"verbose", no_argument, NULL, 'v'},
-        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
+        {"backend", required_argument, NULL, 'b'},
+        {"filter", required_argument, NULL, 'f'},
+        {"jobs", required_argument, NULL, 'j'},
+        {"shard", required_argument, NULL, 1},
+        {"seed", required_argument, NULL, 2},
+        {"junit", required_argument, NULL, 3},
+        {"reports", required_argument, NULL, 4},
+        {"tap", no_argument, NULL, 5},
+        {"timeout", required_argument, NULL, 6},
+        {"server", required_argument, NULL, 7},
+        {"driver", required_argument, NULL, 8},
+        {"verbose", no_argument, NULL, 'v'},
+        {"driver-setting", required_argument, NULL, 9},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
     };
     optind = 1;
     opterr = 0;
@@ -195,6 +207,17 @@ static int cmd_run_or_list(int argc, char **argv, int list)
                 return 2;
             }
             o.driver = optarg;
+            break;
+        case 9:
+            /* Checked against the driver's own list once it says hello. */
+            if (nds == sizeof ds / sizeof ds[0]) {
+                fprintf(stderr, "pgfault %s: at most %zu --driver-setting options\n", cmd,
+                        sizeof ds / sizeof ds[0]);
+                return 2;
+            }
+            ds[nds++] = optarg;
+            o.driver_settings = ds;
+            o.ndriver_settings = nds;
             break;
         case 'v':
             o.verbose = 1;

@@ -275,6 +275,37 @@ static int tee_close(void *cookie)
     return fclose(t->a);
 }
 
+/* The driver's settings, resolved once in the parent (defaults filled in). */
+static char resolved_ds[DRIVER_MAX_DSETTINGS][80];
+static const char *resolved_dsp[DRIVER_MAX_DSETTINGS];
+static size_t nresolved_ds;
+
+/* Starts the driver once before any case: a driver that cannot say hello,
+ * or a --driver-setting it does not have, is a usage error now rather than
+ * a failure in every case. */
+static int probe_driver(const struct runner_options *o, const struct driver_ops *drv,
+                        const char *command)
+{
+    struct driver *d = NULL;
+    char err[800];
+    struct driver_start_args sa = {command, NULL, NULL, NULL};
+    if (drv->start(&sa, &d, err, sizeof err) < 0) {
+        fprintf(stderr, "pgfault: driver %s: %s\n", o->driver ? o->driver : "pqpool", err);
+        return -1;
+    }
+    int n = driver_resolve_settings(drv->info(d), o->driver_settings, o->ndriver_settings,
+                                    resolved_ds, err, sizeof err);
+    drv->destroy(d);
+    if (n < 0) {
+        fprintf(stderr, "pgfault: --driver-setting: %s\n", err);
+        return -1;
+    }
+    for (int i = 0; i < n; i++)
+        resolved_dsp[i] = resolved_ds[i];
+    nresolved_ds = (size_t)n;
+    return 0;
+}
+
 static void child_main(const struct runner_options *o, const struct driver_ops *drv,
                        const char *command, const struct scn *s, enum scn_backend be,
                        const char *trace_path, const char *timeline_path, const char *result_path,
@@ -302,8 +333,18 @@ static void child_main(const struct runner_options *o, const struct driver_ops *
     setvbuf(trace, NULL, _IOLBF, 0);
     FILE *tl = fopen(timeline_path, "w");
     struct steps_options so = {
-        s,       be,    drv, o->driver ? o->driver : "pqpool", command, o->server_conninfo,
-        o->seed, trace, tl};
+        .scn = s,
+        .backend = be,
+        .driver = drv,
+        .driver_name = o->driver ? o->driver : "pqpool",
+        .driver_command = command,
+        .driver_settings = resolved_dsp,
+        .ndriver_settings = nresolved_ds,
+        .server_conninfo = o->server_conninfo,
+        .seed = o->seed,
+        .trace = trace,
+        .timeline = tl,
+    };
     struct steps_result r;
     int rc = steps_run(&so, &r);
     fclose(trace);
@@ -455,7 +496,7 @@ int runner_run(const struct runner_options *o)
         fprintf(stderr, "pgfault: unknown driver '%s'\n", dname);
         return 2;
     }
-    if (load(o, &p) < 0)
+    if (load(o, &p) < 0 || probe_driver(o, drv, command) < 0)
         goto out;
 
     /* Expand scenarios into cases, then filter and shard. */

@@ -25,11 +25,14 @@ struct runner_options {
     int jobs;             /* parallel cases, >= 1 */
     int shard_k, shard_n; /* run cases with index % n == k - 1; n == 0: all */
     unsigned long seed;
-    const char *reports_dir;     /* junit.xml, summary.md, traces/ go here */
-    const char *junit_path;      /* NULL: <reports_dir>/junit.xml */
-    int tap;                     /* write TAP 14 to stdout instead of the live lines */
-    int verbose;                 /* print each case's trace as it completes */
-    const char *driver;          /* "pqpool", a shipped driver's name, or "exec:CMD" */
+    const char *reports_dir;            /* junit.xml, summary.md, traces/ go here */
+    const char *junit_path;             /* NULL: <reports_dir>/junit.xml */
+    int tap;                            /* write TAP 14 to stdout instead of the live lines */
+    int verbose;                        /* print each case's trace as it completes */
+    const char *driver;                 /* "pqpool", a shipped driver's name, or "exec:CMD" */
+    const char *const *driver_settings; /* --driver-setting KEY=VALUE, checked against the
+                                         * driver's hello before any case runs */
+    size_t ndriver_settings;
     const char *server_conninfo; /* --server / PGFAULT_SERVER, or NULL */
     int case_timeout_ms;         /* cap of each case's watchdog (derived from its bounds) */
 };

@@ -780,6 +780,15 @@ static int not_applicable(struct ctx *c, char *why, size_t len)
         const struct scn_step *st = &s->steps[i];
         unsigned need = 0;
         const char *what = NULL;
+        if ((st->kind == SCN_STEP_ACQUIRE || st->kind == SCN_STEP_WORKERS ||
+             st->kind == SCN_STEP_QUEUE) &&
+            st->timeout_ms >= 0 &&
+            driver_key_status(in, "acquire_timeout", NULL) != DRIVER_KEY_MAPPED)
+            return snprintf(why, len,
+                            "line %d: %s sets its own timeout, and %s's pool has no acquire "
+                            "timeout to give it",
+                            st->line, scn_step_name(st->kind), dname),
+                   1;
         if (st->kind == SCN_STEP_MAINTAIN)
             need = DRIVER_CAP_MAINTAIN, what = "maintain";
         else if (st->kind == SCN_STEP_PASSWORD)
@@ -910,6 +919,8 @@ int steps_run(const struct steps_options *o, struct steps_result *r)
     c->info = c->drv->info(c->d);
     in_process = (c->info->caps & DRIVER_CAP_FAKEPQ) != 0;
     trace(c, "setup", "driver %s: pool %s %s", c->info->driver, c->info->pool, c->info->version);
+    for (size_t i = 0; i < o->ndriver_settings; i++)
+        trace(c, "setup", "driver setting %s", o->driver_settings[i]);
     if (not_applicable(c, msg, sizeof msg)) {
         r->passed = 0;
         r->verdict = STEPS_NA;
@@ -940,6 +951,8 @@ int steps_run(const struct steps_options *o, struct steps_result *r)
         .password = password,
         .settings = o->scn->pool,
         .nsettings = o->scn->npool,
+        .driver_settings = o->driver_settings,
+        .ndriver_settings = o->ndriver_settings,
     };
     trace(c, "setup", "pool open: host=%s port=%d user=%s dbname=%s", a.host, a.port, a.user,
           a.dbname);

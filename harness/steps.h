@@ -22,8 +22,10 @@ struct steps_options {
     const struct scn *scn;
     enum scn_backend backend;
     const struct driver_ops *driver;
-    const char *driver_name;     /* as given to --driver, for the trace */
-    const char *driver_command;  /* exec drivers: the command line, else NULL */
+    const char *driver_name;            /* as given to --driver, for the trace */
+    const char *driver_command;         /* exec drivers: the command line, else NULL */
+    const char *const *driver_settings; /* "key=value", every one the driver declares */
+    size_t ndriver_settings;
     const char *server_conninfo; /* proxy backend: existing server, or NULL */
     unsigned long seed;
     FILE *trace;    /* where the step-by-step trace goes */

@@ -164,7 +164,8 @@ static void handle_line(struct driver *d, const char *line)
         for (char *c = text; *c; c++)
             if (*c == '\n' || *c == '\t')
                 *c = ' ';
-        d->args.event(d->args.ctx, text);
+        if (d->args.event)
+            d->args.event(d->args.ctx, text);
         json_decref(msg);
         return;
     }
@@ -463,6 +464,43 @@ static int parse_hello(struct driver *d, json_t *r, char *err, size_t len)
                        DRIVER_MAX_METRICS);
         snprintf(in->metrics[in->nmetrics++], sizeof in->metrics[0], "%s", json_string_value(v));
     }
+    json_t *ds = json_object_get(r, "driver_settings");
+    if (ds && !json_is_null(ds)) {
+        if (!json_is_object(ds))
+            return bad(err, len, "hello: \"driver_settings\" must be an object");
+        json_object_foreach(ds, key, v)
+        {
+            if (in->ndsettings == DRIVER_MAX_DSETTINGS)
+                return bad(err, len, "hello: more than %d driver settings", DRIVER_MAX_DSETTINGS);
+            typeof(in->dsettings[0]) *d0 = &in->dsettings[in->ndsettings];
+            snprintf(d0->key, sizeof d0->key, "%s", key);
+            json_t *vals = json_object_get(v, "values");
+            const char *def = json_string_value(json_object_get(v, "default"));
+            if (!json_is_array(vals) || json_array_size(vals) == 0 || !def)
+                return bad(err, len,
+                           "hello: driver_settings.%s needs \"values\" (an array of words) and "
+                           "a \"default\"",
+                           key);
+            size_t j;
+            json_t *w;
+            int def_ok = 0;
+            json_array_foreach(vals, j, w)
+            {
+                if (!json_is_string(w) || d0->nvalues == DRIVER_MAX_DVALUES)
+                    return bad(err, len, "hello: driver_settings.%s.values[%zu] is not a word", key,
+                               j);
+                snprintf(d0->values[d0->nvalues++], sizeof d0->values[0], "%s",
+                         json_string_value(w));
+                def_ok |= strcmp(json_string_value(w), def) == 0;
+            }
+            if (!def_ok)
+                return bad(err, len, "hello: driver_settings.%s: default '%s' is not a value", key,
+                           def);
+            snprintf(d0->def, sizeof d0->def, "%s", def);
+            snprintf(d0->meaning, sizeof d0->meaning, "%s", str(v, "meaning"));
+            in->ndsettings++;
+        }
+    }
     json_t *caps = json_object_get(r, "capabilities");
     if (!json_is_array(caps))
         return bad(err, len, "hello: \"capabilities\" must be an array");
@@ -618,6 +656,16 @@ static int exec_open(struct driver *d, const struct driver_open_args *a, char *e
             d->default_acquire_ms = (int)s->number;
     }
     json_object_set_new(o, "settings", set);
+    json_t *dset = json_object();
+    for (size_t i = 0; i < a->ndriver_settings; i++) {
+        const char *eq = strchr(a->driver_settings[i], '=');
+        if (!eq)
+            continue;
+        char k[64];
+        snprintf(k, sizeof k, "%.*s", (int)(eq - a->driver_settings[i]), a->driver_settings[i]);
+        json_object_set_new(dset, k, json_string(eq + 1));
+    }
+    json_object_set_new(o, "driver_settings", dset);
     json_t *r = request(d, o, DEFAULT_DEADLINE_MS + d->default_acquire_ms, err, len);
     if (!r)
         return -1;

@@ -229,7 +229,8 @@ static void event_fn(void *ctx, const struct pqpool_event *ev)
         snprintf(line, sizeof line, "event %d", (int)ev->type);
         break;
     }
-    dp->args.event(dp->args.ctx, line);
+    if (dp->args.event)
+        dp->args.event(dp->args.ctx, line);
 }
 
 static int start(const struct driver_start_args *a, struct driver **out, char *err, size_t len)
