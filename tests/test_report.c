@@ -44,6 +44,37 @@ static void fill(struct runner_case *c)
     c[1].trace = "+ 0.001s line 7 | bad \x01 byte\n";
 }
 
+/* A case the driver cannot express: skipped everywhere, never a failure. */
+static void test_na_is_skipped(void **state)
+{
+    struct runner_case c[2];
+    fill(c);
+    c[1].status = RUNNER_NA;
+    c[1].line = 0;
+    snprintf(c[1].message, sizeof c[1].message, "pool max_lifetime: x cannot honour it (#why)");
+    char path[] = "/tmp/pgfault-test-na-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    char err[256];
+    assert_int_equal(report_junit(path, c, 2, 1, err, sizeof err), 0);
+    char *x = slurp(path);
+    assert_non_null(strstr(x, "tests=\"2\" failures=\"0\" errors=\"0\" skipped=\"1\""));
+    assert_non_null(strstr(x, "<skipped message=\"pool max_lifetime: x cannot honour it"));
+    assert_null(strstr(x, "<failure"));
+    FILE *f = fopen(path, "w");
+    report_tap(f, c, 2);
+    fclose(f);
+    x = slurp(path);
+    assert_non_null(strstr(
+        x, "ok 2 - idle-drop/x [proxy] # SKIP pool max_lifetime: x cannot honour it ( why)\n"));
+    assert_int_equal(report_summary_md(path, c, 2, 1, err, sizeof err), 0);
+    x = slurp(path);
+    assert_non_null(strstr(x, "**PASSED**: 1 passed, 0 failed, 1 not applicable, 2 total"));
+    assert_non_null(strstr(x, "| N/A |"));
+    unlink(path);
+}
+
 static void test_xml_escape(void **state)
 {
     char *e = report_xml_escape("a<b>&\"c'\x01\td");
@@ -91,7 +122,7 @@ static void test_tap_and_summary(void **state)
     assert_int_equal(report_summary_md(path, c, 2, 1000, err, sizeof err), 0);
     char *m = slurp(path);
     unlink(path);
-    assert_non_null(strstr(m, "**FAILED**: 1 passed, 1 failed, 2 total"));
+    assert_non_null(strstr(m, "**FAILED**: 1 passed, 1 failed, 0 not applicable, 2 total"));
     /* failures first */
     char *fail_row = strstr(m, "| FAIL |"), *pass_row = strstr(m, "| PASS |");
     assert_non_null(fail_row);
@@ -132,6 +163,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_xml_escape),
+        cmocka_unit_test(test_na_is_skipped),
         cmocka_unit_test(test_junit_lists_every_case),
         cmocka_unit_test(test_tap_and_summary),
         cmocka_unit_test(test_html_has_timelines_failures_first),
