@@ -27,9 +27,10 @@ static const struct {
     const char *program;
 } shipped[] = {
     {"example", "/usr/bin/python3", "example/driver.py"},
+    {"node-pg", "node", "node-pg/driver.js"},
 };
 
-static const char *const names[] = {"pqpool", "example", "exec:COMMAND", NULL};
+static const char *const names[] = {"pqpool", "example", "node-pg", "exec:COMMAND", NULL};
 
 const struct driver_ops *driver_find(const char *name, const char **command)
 {
@@ -78,7 +79,7 @@ const char *driver_cap_name(enum driver_cap c)
 {
     static const char *const n[DRIVER_NCAPS] = {"maintain",    "health",      "txstatus",
                                                 "backend_pid", "client_port", "password",
-                                                "invariants",  "fakepq"};
+                                                "invariants",  "fakepq",      "acquire_timeout"};
     for (int i = 0; i < DRIVER_NCAPS; i++)
         if (c == (enum driver_cap)(1u << i))
             return n[i];

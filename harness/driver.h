@@ -61,9 +61,10 @@ enum driver_cap {
     DRIVER_CAP_CLIENT_PORT = 1 << 4,
     DRIVER_CAP_PASSWORD = 1 << 5,
     DRIVER_CAP_INVARIANTS = 1 << 6,
-    DRIVER_CAP_FAKEPQ = 1 << 7, /* the pool uses fakepq: fake backend, libpq.* metrics */
+    DRIVER_CAP_FAKEPQ = 1 << 7,          /* the pool uses fakepq: fake backend, libpq.* metrics */
+    DRIVER_CAP_ACQUIRE_TIMEOUT = 1 << 8, /* acquire honours a per-call timeout_ms */
 };
-#define DRIVER_NCAPS 8
+#define DRIVER_NCAPS 9
 
 #define DRIVER_MAX_KEYS 48
 #define DRIVER_MAX_METRICS 64

@@ -130,7 +130,7 @@ static void *conc_acquire(void *arg)
     struct driver_conn *c = NULL;
     char err[256];
     double t = now_ms();
-    a->outcome = a->k->ops->acquire(a->k->d, WAIT_MS, &c, &a->elapsed_ms, err, sizeof err);
+    a->outcome = a->k->ops->acquire(a->k->d, -1, &c, &a->elapsed_ms, err, sizeof err);
     a->wall_ms = now_ms() - t;
     if (a->outcome == DRIVER_OK)
         (void)a->k->ops->release(a->k->d, c, err, sizeof err);
@@ -169,7 +169,8 @@ static void check_concurrency(struct checker *k, struct driver_conn **held, int 
      * times that. Half-way is the line, generous for a loaded machine. */
     double limit = WAIT_MS * (CONCURRENT / 2.0);
     check(k, wall < limit && !k->ops->fate(k->d, NULL, 0),
-          "concurrency: %d acquires in flight at once (pool full, %d ms each) all returned in "
+          "concurrency: %d acquires in flight at once (pool full, its acquire_timeout %d ms) all "
+          "returned in "
           "%.0f ms%s",
           started, WAIT_MS, wall,
           wall < limit ? ""
@@ -240,7 +241,7 @@ static void run_checks(struct checker *k, struct pgserver *srv)
     const struct {
         const char *key, *value;
         long long number;
-    } want[] = {{"max", "2", 2}, {"min_idle", "0", 0}, {"acquire_timeout", "5s", 5000}};
+    } want[] = {{"max", "2", 2}, {"min_idle", "0", 0}, {"acquire_timeout", "1s", WAIT_MS}};
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         int st = driver_key_status(k->info, want[i].key, NULL);
         if (st == DRIVER_KEY_MAPPED || st == DRIVER_KEY_IGNORED) {
@@ -268,14 +269,14 @@ static void run_checks(struct checker *k, struct pgserver *srv)
         .ndriver_settings = nds > 0 ? (size_t)nds : 0,
     };
     int orc = k->ops->open(k->d, &oa, err, sizeof err);
-    if (check(k, orc == 0, "open: max=2 min_idle=0 acquire_timeout=5s%s%s", orc ? " -- " : "",
+    if (check(k, orc == 0, "open: max=2 min_idle=0 acquire_timeout=1s%s%s", orc ? " -- " : "",
               orc ? err : "") < 0)
         return;
 
     /* acquire and its clock */
     struct driver_conn *c1 = NULL, *c2 = NULL;
     double el = 0, t = now_ms();
-    enum driver_outcome o = k->ops->acquire(k->d, 5000, &c1, &el, err, sizeof err);
+    enum driver_outcome o = k->ops->acquire(k->d, -1, &c1, &el, err, sizeof err);
     double wall = now_ms() - t;
     if (check(k, o == DRIVER_OK, "acquire: outcome ok (got %s%s%s)", driver_outcome_name(o),
               err[0] ? ": " : "", o == DRIVER_OK ? "" : err) < 0)
@@ -399,7 +400,7 @@ static void run_checks(struct checker *k, struct pgserver *srv)
     }
 
     /* the pool full: a second connection, then many waiters at once */
-    o = k->ops->acquire(k->d, 5000, &c2, &el, err, sizeof err);
+    o = k->ops->acquire(k->d, -1, &c2, &el, err, sizeof err);
     check(k, o == DRIVER_OK, "acquire a second connection: ok (got %s)", driver_outcome_name(o));
     if (k->broken)
         return;
@@ -408,6 +409,18 @@ static void run_checks(struct checker *k, struct pgserver *srv)
         check_concurrency(k, held, 2);
         if (k->broken)
             return;
+        if (k->info->caps & DRIVER_CAP_ACQUIRE_TIMEOUT) {
+            struct driver_conn *c4 = NULL;
+            t = now_ms();
+            o = k->ops->acquire(k->d, 300, &c4, &el, err, sizeof err);
+            wall = now_ms() - t;
+            check(k, o == DRIVER_TIMEOUT && el >= 300 && wall < 300 + 1000,
+                  "acquire with its own timeout_ms 300, the pool full: timeout after %.0f ms (got "
+                  "%s)",
+                  el, driver_outcome_name(o));
+            if (o == DRIVER_OK)
+                (void)k->ops->release(k->d, c4, err, sizeof err);
+        }
     }
 
     /* release, discard, the password push */
@@ -423,8 +436,8 @@ static void run_checks(struct checker *k, struct pgserver *srv)
               "password: acknowledged%s%s", rc ? " -- server: " : "", rc ? e2 : "");
         /* Take every connection the pool may hold idle, so one is new. */
         struct driver_conn *a = NULL, *b = NULL, *c = NULL;
-        enum driver_outcome oa1 = k->ops->acquire(k->d, 5000, &a, &el, err, sizeof err);
-        enum driver_outcome ob = k->ops->acquire(k->d, 5000, &b, &el, err, sizeof err);
+        enum driver_outcome oa1 = k->ops->acquire(k->d, -1, &a, &el, err, sizeof err);
+        enum driver_outcome ob = k->ops->acquire(k->d, -1, &b, &el, err, sizeof err);
         (void)c;
         check(k, oa1 == DRIVER_OK && ob == DRIVER_OK,
               "password: new connections use the pushed password (%s, %s%s%s)",
@@ -450,7 +463,7 @@ static void run_checks(struct checker *k, struct pgserver *srv)
     if (k->broken)
         return;
     struct driver_conn *c3 = NULL;
-    o = k->ops->acquire(k->d, 1000, &c3, &el, err, sizeof err);
+    o = k->ops->acquire(k->d, -1, &c3, &el, err, sizeof err);
     check(k, o == DRIVER_CLOSED, "acquire after close: outcome closed (got %s)",
           driver_outcome_name(o));
     (void)k->ops->close(k->d, err, sizeof err);

@@ -782,11 +782,10 @@ static int not_applicable(struct ctx *c, char *why, size_t len)
         const char *what = NULL;
         if ((st->kind == SCN_STEP_ACQUIRE || st->kind == SCN_STEP_WORKERS ||
              st->kind == SCN_STEP_QUEUE) &&
-            st->timeout_ms >= 0 &&
-            driver_key_status(in, "acquire_timeout", NULL) != DRIVER_KEY_MAPPED)
+            st->timeout_ms >= 0 && !(in->caps & DRIVER_CAP_ACQUIRE_TIMEOUT))
             return snprintf(why, len,
-                            "line %d: %s sets its own timeout, and %s's pool has no acquire "
-                            "timeout to give it",
+                            "line %d: %s sets its own timeout, and %s's pool takes no timeout "
+                            "per acquire (capability acquire_timeout)",
                             st->line, scn_step_name(st->kind), dname),
                    1;
         if (st->kind == SCN_STEP_MAINTAIN)

@@ -255,7 +255,7 @@ static int start(const struct driver_start_args *a, struct driver **out, char *e
         snprintf(in->metrics[in->nmetrics++], sizeof in->metrics[0], "%s", metric_names[i]);
     in->caps = DRIVER_CAP_MAINTAIN | DRIVER_CAP_HEALTH | DRIVER_CAP_TXSTATUS |
                DRIVER_CAP_BACKEND_PID | DRIVER_CAP_CLIENT_PORT | DRIVER_CAP_PASSWORD |
-               DRIVER_CAP_INVARIANTS | DRIVER_CAP_FAKEPQ;
+               DRIVER_CAP_INVARIANTS | DRIVER_CAP_FAKEPQ | DRIVER_CAP_ACQUIRE_TIMEOUT;
     *out = d;
     return 0;
 }
