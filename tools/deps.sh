@@ -16,12 +16,35 @@ pkgs=(gcc make pkg-config libpq-dev libcmocka-dev lcov postgresql-15 postgresql-
     libjansson-dev python3-psycopg2
     chromium netpbm "$@")
 
+# Node.js packages of the shipped drivers: `npm ci` from each committed
+# lock file, skipped when node_modules was installed from that same lock
+# (its hash is kept in node_modules/.pgfault-lock). Node.js and npm come
+# from the machine, or from Debian's nodejs and npm packages.
+npm_deps() {
+    command -v npm >/dev/null || { echo "deps: npm is missing (Debian: nodejs npm)" >&2; return 1; }
+    for lock in harness/drivers/*/package-lock.json; do
+        [ -f "$lock" ] || continue
+        dir=$(dirname "$lock")
+        sum=$(sha256sum "$lock" | cut -d' ' -f1)
+        [ "$(cat "$dir/node_modules/.pgfault-lock" 2>/dev/null)" = "$sum" ] && continue
+        echo "deps: npm ci in $dir" >&2
+        (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >&2) ||
+            { echo "deps: npm ci in $dir failed" >&2; return 1; }
+        echo "$sum" >"$dir/node_modules/.pgfault-lock"
+    done
+}
+command -v node >/dev/null && command -v npm >/dev/null || pkgs+=(nodejs npm)
+
 missing=()
 for p in "${pkgs[@]}"; do
     st=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)
     [ "$st" = installed ] || missing+=("$p")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+if [ ${#missing[@]} -eq 0 ]; then
+    [ "$mode" = check ] && exit 0
+    npm_deps
+    exit $?
+fi
 
 cmd="apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing[*]}"
 if [ "$mode" = check ] || [ "$(id -u)" != 0 ]; then
@@ -42,4 +65,4 @@ if printf '%s\n' "${missing[@]}" | grep -q '^postgresql'; then
 fi
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 ||
     { echo "deps: apt-get install ${missing[*]} failed" >&2; exit 1; }
-exit 0
+npm_deps
