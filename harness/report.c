@@ -58,7 +58,7 @@ static size_t count_failed(const struct runner_case *cases, size_t n)
 {
     size_t f = 0;
     for (size_t i = 0; i < n; i++)
-        f += cases[i].status != RUNNER_PASS && cases[i].status != RUNNER_NA;
+        f += runner_case_gate_failed(&cases[i]);
     return f;
 }
 
@@ -66,7 +66,7 @@ static size_t count_skipped(const struct runner_case *cases, size_t n)
 {
     size_t k = 0;
     for (size_t i = 0; i < n; i++)
-        k += cases[i].status == RUNNER_NA;
+        k += (cases[i].status == RUNNER_NA && !cases[i].unexpected) || cases[i].expected;
     return k;
 }
 
@@ -110,7 +110,7 @@ int report_junit(const char *path, const struct runner_case *cases, size_t n, do
         free(cls);
         free(nm);
         free(file);
-        if (c->status == RUNNER_PASS) {
+        if (c->status == RUNNER_PASS && !c->unexpected) {
             fprintf(f, "/>\n");
             continue;
         }
@@ -121,8 +121,14 @@ int report_junit(const char *path, const struct runner_case *cases, size_t n, do
         else
             snprintf(head, sizeof head, "%s: %s", runner_status_name(c->status), c->message);
         char *msg = report_xml_escape(head);
-        if (c->status == RUNNER_NA) {
-            char *why = report_xml_escape(c->message);
+        if (c->expected || (c->status == RUNNER_NA && !c->unexpected)) {
+            char why_text[1500];
+            if (c->expected)
+                snprintf(why_text, sizeof why_text, "expected %s (%s): %s",
+                         runner_status_name(c->status), c->expect_reason, head);
+            else
+                snprintf(why_text, sizeof why_text, "%s", c->message);
+            char *why = report_xml_escape(why_text);
             fprintf(f, ">\n      <skipped message=\"%s\"/>\n    </testcase>\n", why ? why : "");
             free(why);
             free(msg);
@@ -164,8 +170,17 @@ void report_tap(FILE *out, const struct runner_case *cases, size_t n)
     fprintf(out, "TAP version 14\n1..%zu\n", n);
     for (size_t i = 0; i < n; i++) {
         const struct runner_case *c = &cases[i];
-        int ok = c->status == RUNNER_PASS;
-        if (c->status == RUNNER_NA) {
+        int ok = c->status == RUNNER_PASS && !c->unexpected;
+        if (c->expected) {
+            /* TAP's word for a known failure. */
+            fprintf(out, "not ok %zu - %s [%s] # TODO expected %s: ", i + 1, c->name,
+                    backend_word(c->backend), runner_status_name(c->status));
+            for (const char *m = c->expect_reason; *m; m++)
+                fputc(*m == '\n' || *m == '#' ? ' ' : *m, out);
+            fputc('\n', out);
+            continue;
+        }
+        if (c->status == RUNNER_NA && !c->unexpected) {
             /* A SKIP directive's reason ends at the line's end. */
             fprintf(out, "ok %zu - %s [%s] # SKIP ", i + 1, c->name, backend_word(c->backend));
             for (const char *m = c->message; *m; m++)
@@ -217,7 +232,7 @@ int report_summary_md(const char *path, const struct runner_case *cases, size_t 
     for (int pass = 0; pass < 2; pass++) {
         for (size_t i = 0; i < n; i++) {
             const struct runner_case *c = &cases[i];
-            if ((c->status == RUNNER_PASS) != pass)
+            if ((c->status == RUNNER_PASS && !c->unexpected) != pass)
                 continue;
             fprintf(f, "| %s | `%s` | %s | %.2fs | ", runner_status_name(c->status), c->name,
                     backend_word(c->backend), c->duration_ms / 1000.0);
@@ -468,7 +483,7 @@ int report_html(const char *path, const struct runner_case *cases, size_t n, dou
     for (int pass = 0; pass < 2; pass++) {
         for (size_t i = 0; i < n; i++) {
             const struct runner_case *c = &cases[i];
-            if ((c->status == RUNNER_PASS) != pass)
+            if ((c->status == RUNNER_PASS && !c->unexpected) != pass)
                 continue;
             char *nm = report_xml_escape(c->name), *tf = report_xml_escape(c->trace_file);
             char *desc = report_xml_escape(c->description);

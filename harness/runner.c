@@ -26,6 +26,7 @@
 
 #include "driver.h"
 #include "pgserver.h"
+#include "baseline.h"
 #include "report.h"
 #include "steps.h"
 
@@ -279,6 +280,10 @@ static int tee_close(void *cookie)
 static char resolved_ds[DRIVER_MAX_DSETTINGS][80];
 static const char *resolved_dsp[DRIVER_MAX_DSETTINGS];
 static size_t nresolved_ds;
+/* Who the driver said it is, and its settings as one word ("k=v,k=v" or
+ * "-"): how a baseline and the results name this run's cases. */
+static char driver_hello_name[64], driver_settings_word[DRIVER_MAX_DSETTINGS * 81],
+    driver_pool[200];
 
 /* Starts the driver once before any case: a driver that cannot say hello,
  * or a --driver-setting it does not have, is a usage error now rather than
@@ -293,15 +298,23 @@ static int probe_driver(const struct runner_options *o, const struct driver_ops 
         fprintf(stderr, "pgfault: driver %s: %s\n", o->driver ? o->driver : "pqpool", err);
         return -1;
     }
-    int n = driver_resolve_settings(drv->info(d), o->driver_settings, o->ndriver_settings,
-                                    resolved_ds, err, sizeof err);
+    const struct driver_info *in = drv->info(d);
+    snprintf(driver_hello_name, sizeof driver_hello_name, "%s", in->driver);
+    snprintf(driver_pool, sizeof driver_pool, "%s %s", in->pool, in->version);
+    int n = driver_resolve_settings(in, o->driver_settings, o->ndriver_settings, resolved_ds, err,
+                                    sizeof err);
     drv->destroy(d);
     if (n < 0) {
         fprintf(stderr, "pgfault: --driver-setting: %s\n", err);
         return -1;
     }
-    for (int i = 0; i < n; i++)
+    snprintf(driver_settings_word, sizeof driver_settings_word, "%s", n ? "" : "-");
+    for (int i = 0; i < n; i++) {
         resolved_dsp[i] = resolved_ds[i];
+        size_t l = strlen(driver_settings_word);
+        snprintf(driver_settings_word + l, sizeof driver_settings_word - l, "%s%s", i ? "," : "",
+                 resolved_ds[i]);
+    }
     nresolved_ds = (size_t)n;
     return 0;
 }
@@ -418,15 +431,20 @@ static void print_live(const struct runner_options *o, const struct runner_case 
 {
     if (o->tap)
         return;
-    printf("%-5s %-44s %-5s %7.2fs\n", runner_status_name(c->status), c->name,
-           scn_backend_name(c->backend), c->duration_ms / 1000.0);
-    if (c->status != RUNNER_PASS) {
+    printf("%-5s %-44s %-5s %7.2fs%s\n", runner_status_name(c->status), c->name,
+           scn_backend_name(c->backend), c->duration_ms / 1000.0,
+           c->expected     ? "  (expected)"
+           : c->unexpected ? "  (UNEXPECTED)"
+                           : "");
+    if (c->status != RUNNER_PASS || c->unexpected) {
         if (c->line > 0)
             printf("      %s:%d: %s\n", c->path, c->line, c->message);
         else
             printf("      %s: %s\n", c->path, c->message);
     }
-    if ((o->verbose && o->jobs > 1) || (c->status != RUNNER_PASS && !o->verbose)) {
+    if (c->expected)
+        printf("      expected: %s\n", c->expect_reason);
+    if ((o->verbose && o->jobs > 1) || (runner_case_gate_failed(c) && !o->verbose)) {
         /* Failures always come with their trace (the pool's events are in
          * it); with -v and one job it was already shown live. */
         if (c->trace)
@@ -489,12 +507,20 @@ int runner_run(const struct runner_options *o)
     size_t ncases = 0;
     int exit_code = 2;
     char tmpdir[] = "/tmp/pgfault-run-XXXXXX";
+    struct baseline *bl = NULL;
     int have_tmp = 0;
     const char *dname = o->driver ? o->driver : "pqpool", *command = NULL;
     const struct driver_ops *drv = driver_find(dname, &command);
     if (!drv) {
         fprintf(stderr, "pgfault: unknown driver '%s'\n", dname);
         return 2;
+    }
+    if (o->expect_failures) {
+        char e[800];
+        if (baseline_load(o->expect_failures, &bl, e, sizeof e) < 0) {
+            fprintf(stderr, "pgfault: --expect-failures: %s\n", e);
+            goto out;
+        }
     }
     if (load(o, &p) < 0 || probe_driver(o, drv, command) < 0)
         goto out;
@@ -634,6 +660,8 @@ int runner_run(const struct runner_options *o)
             snprintf(lp, sizeof lp, "%s/%zu.timeline", tmpdir, jobs[j].index);
             snprintf(rp, sizeof rp, "%s/%zu.result", tmpdir, jobs[j].index);
             collect(jobs[j].budget_ms, c, ws, hung, tp, lp, rp);
+            if (bl)
+                (void)baseline_apply(bl, driver_hello_name, driver_settings_word, c, 1);
             kill(-jobs[j].pid, SIGKILL); /* whatever the case left in its group */
             unlink(tp);
             unlink(lp);
@@ -672,10 +700,11 @@ int runner_run(const struct runner_options *o)
         goto out;
     }
 
-    size_t failed = 0, skipped = 0;
+    size_t failed = 0, skipped = 0, expected = 0;
     for (size_t i = 0; i < ncases; i++) {
-        skipped += cases[i].status == RUNNER_NA;
-        failed += cases[i].status != RUNNER_PASS && cases[i].status != RUNNER_NA;
+        skipped += cases[i].status == RUNNER_NA && !cases[i].unexpected;
+        expected += cases[i].expected;
+        failed += runner_case_gate_failed(&cases[i]);
     }
     char junit[1024], summary[1024], err[1200];
     if (o->junit_path)
@@ -700,14 +729,14 @@ int runner_run(const struct runner_options *o)
             report_tap(tf, cases, ncases);
             fclose(tf);
         }
-        printf("# %zu passed, %zu failed, %zu skipped in %.1fs\n", ncases - failed - skipped,
-               failed, skipped, total_ms / 1000.0);
+        printf("# %zu passed, %zu failed, %zu skipped in %.1fs\n",
+               ncases - failed - skipped - expected, failed, skipped + expected, total_ms / 1000.0);
     } else {
         printf("\n");
         if (failed) {
             printf("Failed:\n");
             for (size_t i = 0; i < ncases; i++)
-                if (cases[i].status != RUNNER_PASS && cases[i].status != RUNNER_NA)
+                if (runner_case_gate_failed(&cases[i]))
                     printf("  %-5s %s [%s]: %s\n", runner_status_name(cases[i].status),
                            cases[i].name, scn_backend_name(cases[i].backend), cases[i].message);
         }
@@ -715,8 +744,12 @@ int runner_run(const struct runner_options *o)
         if (skipped)
             printf("N/A (not run: the driver cannot express them): %zu case(s); see the reports\n",
                    skipped);
-        printf("run: %zu passed, %zu failed, %zu skipped\n", ncases - failed - skipped, failed,
-               skipped);
+        if (expected)
+            printf("Expected failures (%s): %zu, as the baseline says\n", o->expect_failures,
+                   expected);
+        /* Expected failures count as skipped: known, and not the gate's. */
+        printf("run: %zu passed, %zu failed, %zu skipped\n", ncases - failed - skipped - expected,
+               failed, skipped + expected);
         printf("pgfault: %s in %.1fs (%zu cases, %d job%s)\n", failed ? "FAILED" : "all passed",
                total_ms / 1000.0, ncases, njobs, njobs > 1 ? "s" : "");
     }
@@ -744,5 +777,6 @@ out:
     free(cases);
     free(jobs);
     plan_free(&p);
+    baseline_free(bl);
     return exit_code;
 }

@@ -30,6 +30,7 @@ struct runner_options {
     int tap;                            /* write TAP 14 to stdout instead of the live lines */
     int verbose;                        /* print each case's trace as it completes */
     const char *driver;                 /* "pqpool", a shipped driver's name, or "exec:CMD" */
+    const char *expect_failures;        /* --expect-failures FILE (baseline.h), or NULL */
     const char *const *driver_settings; /* --driver-setting KEY=VALUE, checked against the
                                          * driver's hello before any case runs */
     size_t ndriver_settings;
@@ -54,7 +55,20 @@ struct runner_case {
     char *trace;          /* the whole trace text (owned) */
     char *timeline;       /* the case's timeline records (owned, may be NULL); see steps.h */
     char trace_file[600]; /* where the trace was saved under reports_dir */
+    /* Judged against --expect-failures (baseline.h): */
+    int expected;             /* a failure the baseline lists with this verdict */
+    int unexpected;           /* the baseline expected a failure this case did not have */
+    char expect_reason[1000]; /* the baseline's reason, for either */
 };
+
+/* Whether a case makes the gate red: a failure nobody expected, or an
+ * expected failure that did not happen. N/A never does. */
+static inline int runner_case_gate_failed(const struct runner_case *c)
+{
+    if (c->unexpected)
+        return 1;
+    return c->status != RUNNER_PASS && c->status != RUNNER_NA && !c->expected;
+}
 
 /* Runs everything the options select and writes the reports. Returns the
  * process exit code: 0 all passed, 1 some case failed, 2 usage or parse
