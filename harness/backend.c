@@ -551,19 +551,25 @@ int backend_metric(struct backend *b, const char *source, const char *name, long
      * attempt never reached it). Proxy backend: the connections the proxy
      * accepted, and the server's own log (pgserver_auth_failures). */
     if (strcmp(source, "server") == 0 &&
-        (strcmp(name, "connect_attempts") == 0 || strcmp(name, "auth_failures") == 0)) {
+        (strcmp(name, "connect_attempts") == 0 || strcmp(name, "auth_failures") == 0 ||
+         strcmp(name, "connect_failures") == 0)) {
         int attempts = strcmp(name, "connect_attempts") == 0;
+        int failures = strcmp(name, "connect_failures") == 0;
         if (b->kind == SCN_BACKEND_FAKE) {
             fakepq_get_counters(&fc);
-            *v = attempts ? fc.connect_attempts - fc.connect_outcomes[FAKEPQ_OUT_REFUSED]
-                          : fc.connect_outcomes[FAKEPQ_OUT_AUTH];
+            long reached = fc.connect_attempts - fc.connect_outcomes[FAKEPQ_OUT_REFUSED];
+            *v = attempts   ? reached
+                 : failures ? reached - fc.connect_outcomes[FAKEPQ_OUT_OK]
+                            : fc.connect_outcomes[FAKEPQ_OUT_AUTH];
             return 0;
         }
-        if (attempts) {
+        if (attempts || failures) {
             struct fproxy_stats ps;
             if (fproxy_get_stats(b->proxy, &ps) < 0)
-                return err(msg, len, "server.connect_attempts: the proxy has stopped");
-            *v = (long long)ps.accepted;
+                return err(msg, len, "server.%s: the proxy has stopped", name);
+            /* A failed connect is one the proxy saw end before the
+             * server's first ReadyForQuery. */
+            *v = (long long)(attempts ? ps.accepted : ps.ended_before_ready);
             return 0;
         }
         long long total = 0;
@@ -618,7 +624,9 @@ int backend_metric(struct backend *b, const char *source, const char *name, long
     }
     if (strcmp(source, "server") == 0) {
         if (strcmp(name, "backends") != 0)
-            return err(msg, len, "server.%s: unknown (backends, connect_attempts, auth_failures)",
+            return err(msg, len,
+                       "server.%s: unknown (backends, connect_attempts, connect_failures, "
+                       "auth_failures)",
                        name);
         char e[512];
         long long total = 0;

@@ -861,6 +861,11 @@ static void check_backends(struct ctx *c)
  * PGresult left, no file descriptor leaked. */
 static void check_in_process_leaks(struct ctx *c, int fds_before)
 {
+    struct fakepq_counters fc;
+    fakepq_get_counters(&fc);
+    if (fc.double_finishes > 0)
+        fail(c, 0, "the pool finished a PGconn twice (%ld double PQfinish call(s))",
+             fc.double_finishes);
     int leaks = fakepq_leaks(NULL);
     if (leaks > 0) {
         trace(c, "check", "leaks:");
@@ -987,14 +992,20 @@ int steps_run(const struct steps_options *o, struct steps_result *r)
             c->slots[i].running = 0;
         }
     }
+    /* What the scenario still holds goes back first, as a service's
+     * requests finish before it closes its pool (a pool may wait for them
+     * in close). Queued waiters are joined after the close wakes them. */
+    for (int i = 0; i < c->nslots; i++) {
+        if (c->slots[i].held) {
+            (void)c->drv->release(c->d, c->slots[i].conn, msg, sizeof msg);
+            c->slots[i].held = 0;
+        }
+    }
     if (!c->pool_closed && c->drv->close(c->d, msg, sizeof msg) < 0)
         fail(c, 0, "closing the pool: %s", msg);
     for (int i = 0; i < c->ngroups; i++)
         if (!c->groups[i].joined)
             (void)join_group(c, NULL, &c->groups[i]);
-    for (int i = 0; i < c->nslots; i++)
-        if (c->slots[i].held)
-            (void)c->drv->release(c->d, c->slots[i].conn, msg, sizeof msg);
     trace(c, "check", "pool closed");
     if (in_process) {
         c->drv->destroy(c->d);
@@ -1016,8 +1027,10 @@ out_driver:
          * verdict. */
         char why[700];
         int fate = c->drv->fate(c->d, why, sizeof why);
-        if (fate && r->verdict != STEPS_CRASH && r->verdict != STEPS_HANG &&
-            r->verdict != STEPS_NA) {
+        if (fate && !r->passed) {
+            trace(c, "check", "the driver %s after the verdict: %s",
+                  fate == 1 ? "crashed" : "hung", why);
+        } else if (fate) {
             r->passed = 0;
             r->verdict = fate == 1 ? STEPS_CRASH : STEPS_HANG;
             snprintf(r->message, sizeof r->message, "driver %s: %s", fate == 1 ? "crashed" : "hung",
