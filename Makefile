@@ -6,7 +6,8 @@
 #   make check [T=glob]   cmocka unit tests (T filters test names, e.g. T='*timeout*')
 #   make run              the scenario catalogue on every backend (the CI gate)
 #   make scenario S=...   one scenario with a step-by-step trace
-#   make test             what .ci/run calls: check, sanitizer checks, run
+#   make scorecard        every shipped pool through the catalogue, against its baseline
+#   make test             what .ci/run calls: check, sanitizer checks, run, scorecard
 #   make install PREFIX=  library, header, pqpool.pc, pgfault
 #   make SANITIZE=address,undefined check   (or SANITIZE=thread)
 
@@ -75,7 +76,7 @@ PGFAULT := $(BUILD)/pgfault
 # jansson: the driver protocol's JSON (exec drivers).
 HARNESS_LIBS := -ldl -lm -ljansson
 
-.PHONY: all deps deps-check check check-report run scenario test test-sanitize coverage bench install format format-check clean
+.PHONY: all deps deps-check check check-report run scenario scorecard test test-sanitize coverage bench install format format-check clean
 
 # Coverage thresholds for pool/ (make coverage fails below them).
 COVERAGE_LINES_MIN := 95
@@ -142,6 +143,12 @@ scenario: deps-check all
 	@test -n "$(S)" || { echo "usage: make scenario S=family/name [BACKEND=fake|proxy]" >&2; exit 2; }
 	$(PGFAULT) run scenarios/$(S).scn -v $(if $(BACKEND),--backend $(BACKEND))
 
+# Every shipped foreign pool through the catalogue, each against its
+# baseline, next to pqpool's results of `make run` (run first when missing):
+# reports/scorecard.md and reports/scorecard.html.
+scorecard: deps-check all
+	$(PGFAULT) scorecard --pqpool-results reports/cases.tsv
+
 # Opens reports/index.html in headless Chromium: fails on a blank page, a
 # missing timeline or a script error.
 check-report: deps-check
@@ -151,6 +158,7 @@ test: deps-check
 	$(MAKE) --no-print-directory check
 	$(MAKE) --no-print-directory test-sanitize
 	$(MAKE) --no-print-directory run
+	$(MAKE) --no-print-directory scorecard
 	$(MAKE) --no-print-directory check-report
 
 coverage: deps-check

@@ -18,6 +18,7 @@
 
 #include "driver.h"
 #include "driver_check.h"
+#include "scorecard.h"
 #include "proxy_cli.h"
 #include "runner.h"
 #include "scenario.h"
@@ -37,6 +38,7 @@ static void usage_main(FILE *out)
                  "  list [PATH...]   list scenarios with their backends and descriptions\n"
                  "  proxy            run the TCP fault proxy in front of a server\n"
                  "  driver-check DRIVER  check a pool driver against the driver protocol\n"
+                 "  scorecard        every shipped pool through the catalogue, on one page\n"
                  "\n"
                  "'pgfault COMMAND --help' describes a command's options.\n");
 }
@@ -66,6 +68,9 @@ static void usage_run(FILE *out)
             "                        (a driver process speaking docs/driver-protocol.md)\n"
             "      --driver-setting KEY=VALUE  a setting of the driver itself, e.g.\n"
             "                        error_listener=off (repeatable; the driver lists them)\n"
+            "      --expect-failures FILE  known failures (scenario backend driver settings\n"
+            "                        verdicts reason); red only on a new failure or an\n"
+            "                        expected one that passes\n"
             "  -v, --verbose         print each case's step-by-step trace\n"
             "  -h, --help            this text\n");
 }
@@ -132,6 +137,7 @@ static int cmd_run_or_list(int argc, char **argv, int list)
         {"driver", required_argument, NULL, 8},
         {"verbose", no_argument, NULL, 'v'},
         {"driver-setting", required_argument, NULL, 9},
+        {"expect-failures", required_argument, NULL, 10},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -208,6 +214,9 @@ static int cmd_run_or_list(int argc, char **argv, int list)
             }
             o.driver = optarg;
             break;
+        case 10:
+            o.expect_failures = optarg;
+            break;
         case 9:
             /* Checked against the driver's own list once it says hello. */
             if (nds == sizeof ds / sizeof ds[0]) {
@@ -243,6 +252,65 @@ static int cmd_run_or_list(int argc, char **argv, int list)
     return list ? runner_list(&o) : runner_run(&o);
 }
 
+static int cmd_scorecard(int argc, char **argv)
+{
+    struct scorecard_options o = {"reports", NULL, NULL, 0, 60000};
+    static const struct option longopts[] = {
+        {"reports", required_argument, NULL, 1},
+        {"pqpool-results", required_argument, NULL, 2},
+        {"filter", required_argument, NULL, 'f'},
+        {"jobs", required_argument, NULL, 'j'},
+        {"timeout", required_argument, NULL, 3},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    optind = 1;
+    opterr = 0;
+    int ch;
+    while ((ch = getopt_long(argc, argv, "f:j:h", longopts, NULL)) != -1) {
+        switch (ch) {
+        case 1:
+            o.reports_dir = optarg;
+            break;
+        case 2:
+            o.pqpool_results = optarg;
+            break;
+        case 'f':
+            o.filter = optarg;
+            break;
+        case 'j':
+            o.jobs = (int)parse_positive("scorecard", "--jobs", optarg, 64);
+            break;
+        case 3:
+            o.case_timeout_ms = (int)parse_positive("scorecard", "--timeout", optarg, 3600) * 1000;
+            break;
+        case 'h':
+            printf(
+                "usage: pgfault scorecard [--reports DIR] [--pqpool-results FILE] [--filter GLOB]\n"
+                "                         [--jobs N] [--timeout SECONDS]\n\n"
+                "Runs the catalogue with every shipped foreign driver (and each driver setting\n"
+                "that matters) on the proxy backend, each against its baseline\n"
+                "(harness/drivers/NAME/expected-failures.txt), next to pqpool's results\n"
+                "(--pqpool-results: a cases.tsv of make run; else pqpool runs here), and\n"
+                "writes DIR/scorecard.md and DIR/scorecard.html. Exit 0 when every pool\n"
+                "matches its baseline, 1 on a new failure or an unexpected pass, 2 on errors.\n");
+            return 0;
+        default:
+            fprintf(stderr, "pgfault scorecard: unknown option or missing value (try --help)\n");
+            return 2;
+        }
+    }
+    if (optind != argc) {
+        fprintf(stderr, "pgfault scorecard: unexpected argument '%s'\n", argv[optind]);
+        return 2;
+    }
+    if (!o.jobs) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        o.jobs = n < 1 ? 1 : n > 8 ? 8 : (int)n;
+    }
+    return scorecard_run(&o);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -256,6 +324,8 @@ int main(int argc, char **argv)
         return cmd_run_or_list(argc - 1, argv + 1, 1);
     if (strcmp(cmd, "proxy") == 0)
         return proxy_cli_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "scorecard") == 0)
+        return cmd_scorecard(argc - 1, argv + 1);
     if (strcmp(cmd, "driver-check") == 0) {
         if (argc == 3 && (strcmp(argv[2], "-h") == 0 || strcmp(argv[2], "--help") == 0)) {
             printf("usage: pgfault driver-check DRIVER\n\n"
@@ -280,9 +350,9 @@ int main(int argc, char **argv)
         printf("pgfault %s\n", PGFAULT_VERSION);
         return 0;
     }
-    fprintf(
-        stderr,
-        "pgfault: unknown command '%s' (run, list, proxy, driver-check; see 'pgfault --help')\n",
-        cmd);
+    fprintf(stderr,
+            "pgfault: unknown command '%s' (run, list, proxy, driver-check, scorecard; see "
+            "'pgfault --help')\n",
+            cmd);
     return 2;
 }

@@ -516,3 +516,44 @@ int report_html(const char *path, const struct runner_case *cases, size_t n, dou
     }
     return 0;
 }
+
+static void tsv_field(FILE *f, const char *s, int last)
+{
+    for (; *s; s++)
+        fputc(*s == '\t' || *s == '\n' || *s == '\r' ? ' ' : *s, f);
+    fputc(last ? '\n' : '\t', f);
+}
+
+int report_cases_tsv(const char *path, const struct runner_case *cases, size_t n,
+                     const char *driver, const char *settings, const char *pool, char *err,
+                     size_t errlen)
+{
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    fprintf(f, "scenario\tbackend\tdriver\tsettings\tpool\tstatus\texpected\tunexpected\tline\t"
+               "message\ttrace\n");
+    for (size_t i = 0; i < n; i++) {
+        const struct runner_case *c = &cases[i];
+        char num[32];
+        tsv_field(f, c->name, 0);
+        tsv_field(f, backend_word(c->backend), 0);
+        tsv_field(f, driver, 0);
+        tsv_field(f, settings, 0);
+        tsv_field(f, pool, 0);
+        tsv_field(f, runner_status_name(c->status), 0);
+        tsv_field(f, c->expected ? "1" : "0", 0);
+        tsv_field(f, c->unexpected ? "1" : "0", 0);
+        snprintf(num, sizeof num, "%d", c->line);
+        tsv_field(f, num, 0);
+        tsv_field(f, c->expected ? c->expect_reason : c->message, 0);
+        tsv_field(f, c->trace_file, 1);
+    }
+    if (fclose(f) != 0) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}

@@ -37,6 +37,16 @@ int report_summary_md(const char *path, const struct runner_case *cases, size_t 
 int report_html(const char *path, const struct runner_case *cases, size_t n, double total_ms,
                 char *err, size_t errlen) REPORT_MUSTCHECK;
 
+/* The run's verdicts for other tools (the scorecard), one case per line,
+ * tab-separated, after a header line naming the columns: scenario,
+ * backend, driver (its hello name), settings (k=v,... or -), pool (library
+ * and version), status, expected (1 if the baseline expects it), unexpected
+ * (1 if the baseline expected otherwise), line, message, trace (relative to
+ * the reports directory). Tabs and newlines in text become spaces. */
+int report_cases_tsv(const char *path, const struct runner_case *cases, size_t n,
+                     const char *driver, const char *settings, const char *pool, char *err,
+                     size_t errlen) REPORT_MUSTCHECK;
+
 /* Escapes text for XML character data and attributes into a new string
  * (caller frees); control characters XML 1.0 forbids are dropped. */
 char *report_xml_escape(const char *text);

@@ -715,7 +715,11 @@ int runner_run(const struct runner_options *o)
     exit_code = failed ? 1 : 0;
     char html[1024];
     snprintf(html, sizeof html, "%s/index.html", o->reports_dir);
+    char tsv[1024];
+    snprintf(tsv, sizeof tsv, "%s/cases.tsv", o->reports_dir);
     if (report_junit(junit, cases, ncases, total_ms, err, sizeof err) < 0 ||
+        report_cases_tsv(tsv, cases, ncases, driver_hello_name, driver_settings_word, driver_pool,
+                         err, sizeof err) < 0 ||
         report_summary_md(summary, cases, ncases, total_ms, err, sizeof err) < 0 ||
         report_html(html, cases, ncases, total_ms, err, sizeof err) < 0) {
         fprintf(stderr, "pgfault: writing reports: %s\n", err);
