@@ -534,7 +534,7 @@ int report_cases_tsv(const char *path, const struct runner_case *cases, size_t n
         return -1;
     }
     fprintf(f, "scenario\tbackend\tdriver\tsettings\tpool\tstatus\texpected\tunexpected\tline\t"
-               "message\ttrace\n");
+               "message\ttrace\tbaseline\n");
     for (size_t i = 0; i < n; i++) {
         const struct runner_case *c = &cases[i];
         char num[32];
@@ -548,8 +548,9 @@ int report_cases_tsv(const char *path, const struct runner_case *cases, size_t n
         tsv_field(f, c->unexpected ? "1" : "0", 0);
         snprintf(num, sizeof num, "%d", c->line);
         tsv_field(f, num, 0);
-        tsv_field(f, c->expected ? c->expect_reason : c->message, 0);
-        tsv_field(f, c->trace_file, 1);
+        tsv_field(f, c->message, 0);
+        tsv_field(f, c->trace_file, 0);
+        tsv_field(f, c->expect_reason, 1);
     }
     if (fclose(f) != 0) {
         snprintf(err, errlen, "%s: %s", path, strerror(errno));

@@ -42,7 +42,8 @@ int report_html(const char *path, const struct runner_case *cases, size_t n, dou
  * backend, driver (its hello name), settings (k=v,... or -), pool (library
  * and version), status, expected (1 if the baseline expects it), unexpected
  * (1 if the baseline expected otherwise), line, message, trace (relative to
- * the reports directory). Tabs and newlines in text become spaces. */
+ * the reports directory), baseline (the baseline entry's place and reason,
+ * or empty). Tabs and newlines in text become spaces. */
 int report_cases_tsv(const char *path, const struct runner_case *cases, size_t n,
                      const char *driver, const char *settings, const char *pool, char *err,
                      size_t errlen) REPORT_MUSTCHECK;

@@ -102,10 +102,11 @@ static int read_run(struct card *k, const char *tsv, const char *run_dir, const 
             first = 0;
             continue; /* the header */
         }
-        char *fl[11];
-        if (split(line, fl, 11) != 11)
+        char *fl[12];
+        if (split(line, fl, 12) != 12)
             continue;
-        /* scenario backend driver settings pool status expected unexpected line message trace */
+        /* scenario backend driver settings pool status expected unexpected line message trace
+         * baseline */
         int col = -1;
         for (int c = 0; c < k->ncols; c++)
             if (strcmp(k->cols[c].run_dir, run_dir) == 0 && strcmp(k->cols[c].backend, fl[1]) == 0)
@@ -176,7 +177,7 @@ static int write_md(const struct card *k, const char *path)
                 continue;
             }
             fprintf(f, " [**%s**](%s)%s: ", ce->status, ce->trace, ce->expected ? " *known*" : "");
-            md_text(f, ce->message, 160);
+            md_text(f, ce->message, 240);
             fprintf(f, " |");
         }
         fprintf(f, "\n");
@@ -256,6 +257,21 @@ static int write_html(const struct card *k, const char *path)
     return fclose(f);
 }
 
+/* A run of the whole catalogue for the scorecard. */
+static struct runner_options run_options(const struct scorecard_options *o, const char *driver,
+                                         const char *reports, unsigned backends)
+{
+    struct runner_options ro = {0};
+    ro.backends = backends;
+    ro.filter = o->filter;
+    ro.jobs = o->jobs;
+    ro.seed = 1;
+    ro.reports_dir = reports;
+    ro.driver = driver;
+    ro.case_timeout_ms = o->case_timeout_ms;
+    return ro;
+}
+
 static int run_config(const struct scorecard_options *o, const char *driver, const char *setting,
                       const char *run_dir)
 {
@@ -265,16 +281,9 @@ static int run_config(const struct scorecard_options *o, const char *driver, con
              dir && *dir ? dir : PGFAULT_DRIVERS_DIR, driver);
     snprintf(reports, sizeof reports, "%s/%s", o->reports_dir, run_dir);
     const char *settings[1] = {setting};
-    struct runner_options ro = {0};
-    ro.backends = SCN_BACKEND_PROXY;
-    ro.filter = o->filter;
-    ro.jobs = o->jobs;
-    ro.seed = 1;
-    ro.reports_dir = reports;
-    ro.driver = driver;
+    struct runner_options ro = run_options(o, driver, reports, SCN_BACKEND_PROXY);
     ro.driver_settings = setting ? settings : NULL;
     ro.ndriver_settings = setting ? 1 : 0;
-    ro.case_timeout_ms = o->case_timeout_ms;
     ro.expect_failures = access(baseline, R_OK) == 0 ? baseline : NULL;
     printf("\n==> scorecard: %s%s%s (baseline: %s)\n", driver, setting ? " " : "",
            setting ? setting : "", ro.expect_failures ? baseline : "none");
@@ -303,14 +312,7 @@ int scorecard_run(const struct scorecard_options *o)
         snprintf(pqdir, sizeof pqdir, "scorecard/pqpool");
         char reports[1200];
         snprintf(reports, sizeof reports, "%s/%s", o->reports_dir, pqdir);
-        struct runner_options ro = {0};
-        ro.backends = SCN_BACKEND_ALL;
-        ro.filter = o->filter;
-        ro.jobs = o->jobs;
-        ro.seed = 1;
-        ro.reports_dir = reports;
-        ro.driver = "pqpool";
-        ro.case_timeout_ms = o->case_timeout_ms;
+        struct runner_options ro = run_options(o, "pqpool", reports, SCN_BACKEND_ALL);
         int rc = runner_run(&ro);
         worst = rc > worst ? rc : worst;
         snprintf(tsv, sizeof tsv, "%s/cases.tsv", reports);

@@ -1028,8 +1028,8 @@ out_driver:
         char why[700];
         int fate = c->drv->fate(c->d, why, sizeof why);
         if (fate && !r->passed) {
-            trace(c, "check", "the driver %s after the verdict: %s",
-                  fate == 1 ? "crashed" : "hung", why);
+            trace(c, "check", "the driver %s after the verdict: %s", fate == 1 ? "crashed" : "hung",
+                  why);
         } else if (fate) {
             r->passed = 0;
             r->verdict = fate == 1 ? STEPS_CRASH : STEPS_HANG;

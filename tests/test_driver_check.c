@@ -23,6 +23,7 @@
 
 #include "driver_check.h"
 #include "runner.h"
+#include "testutil.h"
 
 #define BROKEN "exec:/usr/bin/python3 tests/drivers/broken.py "
 
@@ -132,33 +133,12 @@ static void test_unknown_driver_is_a_usage_error(void **state)
 
 static void write_scenario(const char *rel, const char *text)
 {
-    char path[512];
-    snprintf(path, sizeof path, "%s/%s", dir, rel);
-    for (char *p = path + strlen(dir) + 1; *p; p++) {
-        if (*p == '/') {
-            *p = '\0';
-            mkdir(path, 0755);
-            *p = '/';
-        }
-    }
-    FILE *f = fopen(path, "w");
-    assert_non_null(f);
-    fputs(text, f);
-    fclose(f);
+    assert_int_equal(testutil_write(dir, rel, text), 0);
 }
 
 static char *junit(void)
 {
-    static char buf[262144];
-    char path[600];
-    snprintf(path, sizeof path, "%s/reports/junit.xml", dir);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return NULL;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    buf[n] = '\0';
-    fclose(f);
-    return buf;
+    return testutil_slurp(dir, "reports/junit.xml");
 }
 
 static int run_with(const char *driver, const char *rel, unsigned backends)

@@ -15,39 +15,18 @@
 #include <cmocka.h>
 
 #include "runner.h"
+#include "testutil.h"
 
 static char dir[] = "/tmp/pgfault-test-runner-XXXXXX";
 
 static void write_file(const char *rel, const char *text)
 {
-    char path[512];
-    snprintf(path, sizeof path, "%s/%s", dir, rel);
-    /* mkdir -p of the file's directory */
-    for (char *p = path + strlen(dir) + 1; *p; p++) {
-        if (*p == '/') {
-            *p = '\0';
-            mkdir(path, 0755);
-            *p = '/';
-        }
-    }
-    FILE *f = fopen(path, "w");
-    assert_non_null(f);
-    fputs(text, f);
-    fclose(f);
+    assert_int_equal(testutil_write(dir, rel, text), 0);
 }
 
 static char *slurp(const char *rel)
 {
-    static char buf[262144];
-    char path[512];
-    snprintf(path, sizeof path, "%s/%s", dir, rel);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return NULL;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    buf[n] = '\0';
-    fclose(f);
-    return buf;
+    return testutil_slurp(dir, rel);
 }
 
 static int run(const char *rel, int timeout_ms)

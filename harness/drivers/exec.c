@@ -29,7 +29,8 @@
 #define DEFAULT_DEADLINE_MS 10000 /* requests that do not wait on the pool */
 #define GRACE_MS 5000             /* on top of a request's own timeout */
 #define EXIT_WAIT_MS 2000         /* after stdin closes, before SIGKILL */
-#define TAIL_LINES 5
+#define TAIL_LINES 3              /* the last stderr lines a crash report quotes ... */
+#define HEAD_LINES 3 /* ... and the first ones (where a dying runtime names the cause) */
 
 struct driver_conn {
     char handle[64];
@@ -62,6 +63,7 @@ struct driver {
     int stopping;  /* destroy() asked it to exit: an exit is no crash */
     int reaped;
     int wstatus;
+    char head[HEAD_LINES][300]; /* its first stderr lines */
     char tail[TAIL_LINES][200]; /* its last stderr lines */
     int ntail;
     int default_acquire_ms;
@@ -86,11 +88,22 @@ static double now_ms(void)
     return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
 }
 
-/* The last stderr lines, joined, for a crash message. Lock held. */
+/* The first and last stderr lines, joined, for a crash message. Lock
+ * held. */
 static void tail_text(struct driver *d, char *out, size_t len)
 {
     out[0] = '\0';
+    for (int i = 0; i < d->ntail && i < HEAD_LINES; i++) {
+        size_t used = strlen(out);
+        snprintf(out + used, len - used, "%s%s", used ? " | " : "", d->head[i]);
+    }
     int first = d->ntail > TAIL_LINES ? d->ntail - TAIL_LINES : 0;
+    if (first < HEAD_LINES)
+        first = HEAD_LINES;
+    if (first > HEAD_LINES) {
+        size_t used = strlen(out);
+        snprintf(out + used, len - used, " | ...");
+    }
     for (int i = first; i < d->ntail; i++) {
         size_t used = strlen(out);
         snprintf(out + used, len - used, "%s%s", used ? " | " : "", d->tail[i % TAIL_LINES]);
@@ -239,17 +252,17 @@ static void *reader_main(void *arg)
      * its own, which no working driver does. */
     int gone = reap(d, EXIT_WAIT_MS);
     pthread_mutex_lock(&d->lock);
-    char tail[1100];
+    char tail[1600];
     tail_text(d, tail, sizeof tail);
     if (!gone)
         set_fate(d, 1, "closed its stdout but kept running%s%s", tail[0] ? "; stderr: " : "", tail);
     else if (WIFSIGNALED(d->wstatus))
         set_fate(d, 1, "killed by signal %d (%s)%s%s", WTERMSIG(d->wstatus),
-                 strsignal(WTERMSIG(d->wstatus)), tail[0] ? "; last stderr: " : "", tail);
+                 strsignal(WTERMSIG(d->wstatus)), tail[0] ? "; stderr: " : "", tail);
     else
         set_fate(d, 1, "exited with status %d%s%s",
-                 WIFEXITED(d->wstatus) ? WEXITSTATUS(d->wstatus) : -1,
-                 tail[0] ? "; last stderr: " : "", tail);
+                 WIFEXITED(d->wstatus) ? WEXITSTATUS(d->wstatus) : -1, tail[0] ? "; stderr: " : "",
+                 tail);
     pthread_cond_broadcast(&d->cond);
     pthread_mutex_unlock(&d->lock);
     return NULL;
@@ -258,6 +271,8 @@ static void *reader_main(void *arg)
 static void handle_err_line(struct driver *d, const char *line)
 {
     pthread_mutex_lock(&d->lock);
+    if (d->ntail < HEAD_LINES)
+        snprintf(d->head[d->ntail], sizeof d->head[0], "%s", line);
     snprintf(d->tail[d->ntail % TAIL_LINES], sizeof d->tail[0], "%s", line);
     d->ntail++;
     pthread_mutex_unlock(&d->lock);
@@ -746,12 +761,11 @@ static enum driver_outcome exec_acquire(struct driver *d, int timeout_ms, struct
     return oc;
 }
 
-static int give_back(struct driver *d, const char *name, struct driver_conn *c, char *err,
-                     size_t len)
+/* Sends o and turns its reply's "outcome": "error" into -1 with the
+ * pool's message: for operations whose failure is the pool's answer. */
+static int outcome_call(struct driver *d, json_t *o, int deadline_ms, char *err, size_t len)
 {
-    json_t *o = op(name);
-    json_object_set_new(o, "conn", json_string(c->handle));
-    json_t *r = request(d, o, DEFAULT_DEADLINE_MS, err, len);
+    json_t *r = request(d, o, deadline_ms, err, len);
     if (!r)
         return -1;
     int rc = 0;
@@ -759,6 +773,14 @@ static int give_back(struct driver *d, const char *name, struct driver_conn *c, 
         rc = bad(err, len, "%s", str(r, "message"));
     json_decref(r);
     return rc;
+}
+
+static int give_back(struct driver *d, const char *name, struct driver_conn *c, char *err,
+                     size_t len)
+{
+    json_t *o = op(name);
+    json_object_set_new(o, "conn", json_string(c->handle));
+    return outcome_call(d, o, DEFAULT_DEADLINE_MS, err, len);
 }
 
 static int exec_release(struct driver *d, struct driver_conn *c, char *err, size_t len)
@@ -892,14 +914,7 @@ static int exec_invariants(struct driver *d, char *err, size_t len)
 static int exec_close(struct driver *d, char *err, size_t len)
 {
     /* Closing may wait for connections in use to come back. */
-    json_t *r = request(d, op("close"), DEFAULT_DEADLINE_MS + d->default_acquire_ms, err, len);
-    if (!r)
-        return -1;
-    int rc = 0;
-    if (strcmp(str(r, "outcome"), "error") == 0)
-        rc = bad(err, len, "%s", str(r, "message"));
-    json_decref(r);
-    return rc;
+    return outcome_call(d, op("close"), DEFAULT_DEADLINE_MS + d->default_acquire_ms, err, len);
 }
 
 static void exec_destroy(struct driver *d)
