@@ -551,6 +551,12 @@ static void close_side(struct endpoint *e, bool rst)
             if (recv(e->fd, tmp, sizeof tmp, MSG_DONTWAIT) <= 0)
                 break;
     }
+    /* Deregistered before the close: if a forked process (a psql the
+     * harness runs, a driver between fork and exec) still holds the
+     * socket, close() alone would leave it in the epoll set, and its
+     * events would name a connection already freed. */
+    if (e->c)
+        (void)epoll_ctl(e->c->p->epfd, EPOLL_CTL_DEL, e->fd, NULL);
     close(e->fd);
     e->fd = -1;
     e->can_read = e->can_write = false;
