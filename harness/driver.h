@@ -219,7 +219,9 @@ struct driver_ops {
     int (*close)(struct driver *d, char *err, size_t errlen);
 
     /* Stops the driver (an exec driver's process is told to exit, then
-     * killed) and frees everything, handles included. NULL is a no-op. */
+     * killed) and frees everything, handles included. No other operation
+     * may be in flight (join the threads that call them first). NULL is a
+     * no-op. */
     void (*destroy)(struct driver *d);
 
     /* 0 while the driver works; otherwise 1 (crashed: exited, killed,

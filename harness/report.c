@@ -165,39 +165,42 @@ static void yaml_string(FILE *out, const char *s)
     fputc('"', out);
 }
 
+void report_tap_case(FILE *out, const struct runner_case *c, size_t number)
+{
+    int ok = c->status == RUNNER_PASS && !c->unexpected;
+    if (c->expected) {
+        /* TAP's word for a known failure. */
+        fprintf(out, "not ok %zu - %s [%s] # TODO expected %s: ", number, c->name,
+                backend_word(c->backend), runner_status_name(c->status));
+        for (const char *m = c->expect_reason; *m; m++)
+            fputc(*m == '\n' || *m == '#' ? ' ' : *m, out);
+        fputc('\n', out);
+        return;
+    }
+    if (c->status == RUNNER_NA && !c->unexpected) {
+        /* A SKIP directive's reason ends at the line's end. */
+        fprintf(out, "ok %zu - %s [%s] # SKIP ", number, c->name, backend_word(c->backend));
+        for (const char *m = c->message; *m; m++)
+            fputc(*m == '\n' || *m == '#' ? ' ' : *m, out);
+        fputc('\n', out);
+        return;
+    }
+    fprintf(out, "%s %zu - %s [%s]\n", ok ? "ok" : "not ok", number, c->name,
+            backend_word(c->backend));
+    if (ok)
+        return;
+    fprintf(out, "  ---\n  message: ");
+    yaml_string(out, c->message);
+    fprintf(out, "\n  severity: %s\n  file: ", runner_status_name(c->status));
+    yaml_string(out, c->path);
+    fprintf(out, "\n  line: %d\n  duration_ms: %.1f\n  ...\n", c->line, c->duration_ms);
+}
+
 void report_tap(FILE *out, const struct runner_case *cases, size_t n)
 {
     fprintf(out, "TAP version 14\n1..%zu\n", n);
-    for (size_t i = 0; i < n; i++) {
-        const struct runner_case *c = &cases[i];
-        int ok = c->status == RUNNER_PASS && !c->unexpected;
-        if (c->expected) {
-            /* TAP's word for a known failure. */
-            fprintf(out, "not ok %zu - %s [%s] # TODO expected %s: ", i + 1, c->name,
-                    backend_word(c->backend), runner_status_name(c->status));
-            for (const char *m = c->expect_reason; *m; m++)
-                fputc(*m == '\n' || *m == '#' ? ' ' : *m, out);
-            fputc('\n', out);
-            continue;
-        }
-        if (c->status == RUNNER_NA && !c->unexpected) {
-            /* A SKIP directive's reason ends at the line's end. */
-            fprintf(out, "ok %zu - %s [%s] # SKIP ", i + 1, c->name, backend_word(c->backend));
-            for (const char *m = c->message; *m; m++)
-                fputc(*m == '\n' || *m == '#' ? ' ' : *m, out);
-            fputc('\n', out);
-            continue;
-        }
-        fprintf(out, "%s %zu - %s [%s]\n", ok ? "ok" : "not ok", i + 1, c->name,
-                backend_word(c->backend));
-        if (ok)
-            continue;
-        fprintf(out, "  ---\n  message: ");
-        yaml_string(out, c->message);
-        fprintf(out, "\n  severity: %s\n  file: ", runner_status_name(c->status));
-        yaml_string(out, c->path);
-        fprintf(out, "\n  line: %d\n  duration_ms: %.1f\n  ...\n", c->line, c->duration_ms);
-    }
+    for (size_t i = 0; i < n; i++)
+        report_tap_case(out, &cases[i], i + 1);
 }
 
 /* Markdown table cells must not contain a bare '|' or a newline. */

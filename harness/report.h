@@ -26,6 +26,11 @@ int report_junit(const char *path, const struct runner_case *cases, size_t n, do
  * (message, line, duration) for failures. */
 void report_tap(FILE *out, const struct runner_case *cases, size_t n);
 
+/* One test point (and its diagnostics) of report_tap, numbered number: for
+ * the runner's live TAP stream, so both say the same. N/A is `# SKIP`, an
+ * expected failure `# TODO`, an unexpected pass `not ok`. */
+void report_tap_case(FILE *out, const struct runner_case *c, size_t number);
+
 /* A Markdown summary: totals, then a table of cases with failures first. */
 int report_summary_md(const char *path, const struct runner_case *cases, size_t n, double total_ms,
                       char *err, size_t errlen) REPORT_MUSTCHECK;

@@ -332,7 +332,7 @@ static void child_main(const struct runner_options *o, const struct driver_ops *
     signal(SIGTERM, SIG_DFL);
     /* A pool must survive writes to dead sockets on its own (libpq uses
      * MSG_NOSIGNAL); the runner does not mask SIGPIPE for it. */
-    FILE *tf = fopen(trace_path, "w");
+    FILE *tf = fopen(trace_path, "we");
     if (!tf)
         child_exit(3);
     FILE *trace = tf;
@@ -344,7 +344,7 @@ static void child_main(const struct runner_options *o, const struct driver_ops *
             trace = tee;
     }
     setvbuf(trace, NULL, _IOLBF, 0);
-    FILE *tl = fopen(timeline_path, "w");
+    FILE *tl = fopen(timeline_path, "we");
     struct steps_options so = {
         .scn = s,
         .backend = be,
@@ -363,7 +363,7 @@ static void child_main(const struct runner_options *o, const struct driver_ops *
     fclose(trace);
     if (tl)
         fclose(tl);
-    FILE *rf = fopen(result_path, "w");
+    FILE *rf = fopen(result_path, "we");
     if (!rf)
         child_exit(3);
     fprintf(rf, "%s\n%d\n%s\n", rc < 0 ? "ERROR" : steps_verdict_name(r.verdict), r.line,
@@ -669,9 +669,7 @@ int runner_run(const struct runner_options *o)
             save_trace(o, c);
             print_live(o, c);
             if (o->tap) {
-                int ok = c->status == RUNNER_PASS;
-                printf("%s %zu - %s [%s]\n", ok ? "ok" : "not ok", done + 1, c->name,
-                       scn_backend_name(c->backend));
+                report_tap_case(stdout, c, done + 1);
                 fflush(stdout);
             }
             jobs[j].pid = 0;

@@ -121,6 +121,16 @@ static void test_serial_driver_is_named(void **state)
     free(out);
 }
 
+static void test_wrong_clock_units_are_named(void **state)
+{
+    char *out = NULL;
+    assert_int_equal(check_driver(BROKEN "nanos", &out), 1);
+    assert_non_null(
+        strstr(out, "the driver CRASHED: its reply to 'acquire' has an elapsed_us longer than its "
+                    "round trip (not microseconds?)"));
+    free(out);
+}
+
 static void test_unknown_driver_is_a_usage_error(void **state)
 {
     char *out = NULL;
@@ -255,6 +265,7 @@ int main(void)
         cmocka_unit_test(test_garbage_driver_is_crashed),
         cmocka_unit_test(test_exiting_driver_is_crashed),
         cmocka_unit_test(test_serial_driver_is_named),
+        cmocka_unit_test(test_wrong_clock_units_are_named),
         cmocka_unit_test(test_unknown_driver_is_a_usage_error),
         cmocka_unit_test(test_example_runs_a_scenario),
         cmocka_unit_test(test_exiting_driver_makes_the_case_crash),

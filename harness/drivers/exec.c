@@ -63,6 +63,7 @@ struct driver {
     int stopping;  /* destroy() asked it to exit: an exit is no crash */
     int reaped;
     int wstatus;
+    int err_eof;                /* the stderr reader has read everything */
     char head[HEAD_LINES][300]; /* its first stderr lines */
     char tail[TAIL_LINES][200]; /* its last stderr lines */
     int ntail;
@@ -252,6 +253,17 @@ static void *reader_main(void *arg)
      * its own, which no working driver does. */
     int gone = reap(d, EXIT_WAIT_MS);
     pthread_mutex_lock(&d->lock);
+    /* A dying runtime may still be writing its last words to stderr: let
+     * the stderr reader finish (bounded) before quoting them. */
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_nsec += 500L * 1000 * 1000;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    while (!d->err_eof && pthread_cond_timedwait(&d->cond, &d->lock, &until) == 0)
+        ;
     char tail[1600];
     tail_text(d, tail, sizeof tail);
     if (!gone)
@@ -284,6 +296,10 @@ static void *err_reader_main(void *arg)
 {
     struct driver *d = arg;
     read_lines(d, d->err_fd, handle_err_line);
+    pthread_mutex_lock(&d->lock);
+    d->err_eof = 1;
+    pthread_cond_broadcast(&d->cond);
+    pthread_mutex_unlock(&d->lock);
     return NULL;
 }
 
@@ -707,14 +723,32 @@ static enum driver_outcome outcome_from(const char *s)
     return DRIVER_OTHER;
 }
 
-/* elapsed_us of a reply, in milliseconds; -1 if missing. */
-static double elapsed_of(json_t *r)
+/*
+ * The pool's own time from a reply's elapsed_us, in milliseconds. The
+ * runner's bounds judge it, so it must be there and must be plausible: a
+ * missing one, or one longer than the whole round trip (milliseconds or
+ * nanoseconds sent as microseconds), is a protocol violation that makes
+ * the driver crashed. Returns 0, or -1 with the fate set.
+ */
+static int elapsed_of(struct driver *d, json_t *r, const char *opname, double roundtrip_ms,
+                      double *out)
 {
     json_t *e = json_object_get(r, "elapsed_us");
-    if (json_is_integer(e))
-        return (double)json_integer_value(e) / 1000.0;
-    if (json_is_real(e))
-        return json_real_value(e) / 1000.0;
+    double ms = json_is_integer(e) ? (double)json_integer_value(e) / 1000.0
+                : json_is_real(e)  ? json_real_value(e) / 1000.0
+                                   : -1;
+    const char *why = ms < 0 ? "has no elapsed_us (microseconds around the pool call)"
+                      : ms > roundtrip_ms + 1.0 ? "has an elapsed_us longer than its round trip "
+                                                  "(not microseconds?)"
+                                                : NULL;
+    if (!why) {
+        *out = ms;
+        return 0;
+    }
+    pthread_mutex_lock(&d->lock);
+    set_fate(d, 1, "its reply to '%s' %s: %.3f ms reported, %.3f ms round trip", opname, why, ms,
+             roundtrip_ms);
+    pthread_mutex_unlock(&d->lock);
     return -1;
 }
 
@@ -733,19 +767,30 @@ static enum driver_outcome exec_acquire(struct driver *d, int timeout_ms, struct
         bad(err, len, "%s", e);
         return exec_fate(d, NULL, 0) ? DRIVER_BROKEN : DRIVER_OTHER;
     }
-    double el = elapsed_of(r);
-    if (el >= 0)
-        *elapsed_ms = el;
+    if (elapsed_of(d, r, "acquire", *elapsed_ms, elapsed_ms) < 0) {
+        json_decref(r);
+        exec_fate(d, err, len);
+        return DRIVER_BROKEN;
+    }
     enum driver_outcome oc = outcome_from(str(r, "outcome"));
     bad(err, len, "%s", str(r, "message"));
     if (oc == DRIVER_OK) {
         json_t *c = json_object_get(r, "conn");
         struct driver_conn *h = calloc(1, sizeof *h);
-        if (!h || !(json_is_string(c) || json_is_integer(c))) {
+        if (!h || !(json_is_string(c) || json_is_integer(c)) ||
+            (json_is_string(c) && strlen(json_string_value(c)) >= sizeof h->handle)) {
             free(h);
             json_decref(r);
-            bad(err, len, "acquire: outcome ok without a \"conn\" handle");
-            return DRIVER_OTHER;
+            /* The pool handed out a connection nobody can name: that is
+             * the driver breaking the protocol, not the pool failing. */
+            pthread_mutex_lock(&d->lock);
+            set_fate(d, 1,
+                     "its reply to 'acquire' is ok without a usable \"conn\" handle (a "
+                     "string under %zu bytes)",
+                     sizeof h->handle);
+            pthread_mutex_unlock(&d->lock);
+            exec_fate(d, err, len);
+            return DRIVER_BROKEN;
         }
         if (json_is_string(c))
             snprintf(h->handle, sizeof h->handle, "%s", json_string_value(c));
@@ -793,7 +838,8 @@ static int exec_discard(struct driver *d, struct driver_conn *c, char *err, size
     return give_back(d, "discard", c, err, len);
 }
 
-static void fill_result(json_t *r, struct driver_result *res)
+static void fill_result(struct driver *d, json_t *r, const char *opname, double roundtrip_ms,
+                        struct driver_result *res)
 {
     const char *oc = str(r, "outcome");
     res->outcome = strcmp(oc, "ok") == 0        ? DRIVER_Q_OK
@@ -801,9 +847,10 @@ static void fill_result(json_t *r, struct driver_result *res)
                                                 : DRIVER_Q_ERROR;
     snprintf(res->sqlstate, sizeof res->sqlstate, "%s", str(r, "sqlstate"));
     snprintf(res->message, sizeof res->message, "%s", str(r, "message"));
-    double el = elapsed_of(r);
-    if (el >= 0)
-        res->elapsed_ms = el;
+    if (elapsed_of(d, r, opname, roundtrip_ms, &res->elapsed_ms) < 0) {
+        res->outcome = DRIVER_Q_BROKEN;
+        exec_fate(d, res->message, sizeof res->message);
+    }
 }
 
 static int exec_query(struct driver *d, struct driver_conn *c, const char *sql, int timeout_ms,
@@ -821,9 +868,9 @@ static int exec_query(struct driver *d, struct driver_conn *c, const char *sql, 
         res->outcome = DRIVER_Q_BROKEN;
         return exec_fate(d, NULL, 0) ? -1 : 0;
     }
-    fill_result(r, res);
+    fill_result(d, r, "query", res->elapsed_ms, res);
     json_decref(r);
-    return 0;
+    return res->outcome == DRIVER_Q_BROKEN ? -1 : 0;
 }
 
 static int exec_conn_info(struct driver *d, struct driver_conn *c, struct driver_conn_info *out,
@@ -854,14 +901,15 @@ static int exec_health(struct driver *d, int timeout_ms, struct driver_result *r
     memset(res, 0, sizeof *res);
     json_t *o = op("health");
     json_object_set_new(o, "timeout_ms", json_integer(timeout_ms));
+    double t = now_ms();
     json_t *r = request(d, o, timeout_ms + GRACE_MS, res->message, sizeof res->message);
     if (!r) {
         res->outcome = DRIVER_Q_BROKEN;
         return exec_fate(d, NULL, 0) ? -1 : 0;
     }
-    fill_result(r, res);
+    fill_result(d, r, "health", now_ms() - t, res);
     json_decref(r);
-    return 0;
+    return res->outcome == DRIVER_Q_BROKEN ? -1 : 0;
 }
 
 static int exec_metric(struct driver *d, const char *name, long long *value)
@@ -921,13 +969,18 @@ static void exec_destroy(struct driver *d)
 {
     if (!d)
         return;
+    /* The contract (driver.h) says no operation is in flight; should one
+     * be, it is woken with a fate rather than left to its deadline. */
     pthread_mutex_lock(&d->lock);
+    set_fate(d, 1, "the driver was stopped");
     d->stopping = 1;
     pthread_mutex_unlock(&d->lock);
+    pthread_mutex_lock(&d->write_lock);
     if (d->in_fd >= 0) {
         close(d->in_fd); /* end of stdin: the driver exits */
         d->in_fd = -1;
     }
+    pthread_mutex_unlock(&d->write_lock);
     if (d->pid > 0 && !reap(d, EXIT_WAIT_MS)) {
         kill(d->pid, SIGKILL);
         (void)reap(d, EXIT_WAIT_MS);
@@ -956,7 +1009,7 @@ static int exec_fate(struct driver *d, char *why, size_t len)
     pthread_mutex_lock(&d->lock);
     int f = d->fate;
     if (f && why && len)
-        snprintf(why, len, "%s", d->why);
+        snprintf(why, len, "%.*s", (int)(len - 1 < sizeof d->why ? len - 1 : sizeof d->why), d->why);
     pthread_mutex_unlock(&d->lock);
     return f;
 }

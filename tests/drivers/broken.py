@@ -11,6 +11,8 @@ MODE is one of:
            acquire
   stalls   answers hello and open, then never answers again (a driver
            that hangs mid-case)
+  nanos    reports elapsed_us in nanoseconds (a unit mistake that would
+           make every timing bound pass)
   serial   a correct driver that serves one request at a time on the
            reading thread: a request that blocks (a slow connect or query)
            holds back every reply after it
@@ -59,13 +61,20 @@ class Stalls(example.Driver):
             super().run_request(req)
 
 
+class Nanos(example.Driver):
+    def send(self, obj):
+        if "elapsed_us" in obj:
+            obj = dict(obj, elapsed_us=obj["elapsed_us"] * 1000)
+        super().send(obj)
+
+
 class Serial(example.Driver):
     def spawn(self, fn, *args):
         fn(*args)  # on the reading thread: nothing else is read meanwhile
 
 
 MODES = {"silent": Silent, "garbage": Garbage, "exits": Exits, "stalls": Stalls,
-         "serial": Serial}
+         "nanos": Nanos, "serial": Serial}
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in MODES:
