@@ -34,6 +34,7 @@ mutants=(
 "init-sql-ignored|s/if \(p->init_sql\) \{/if (0) {/|init_sql never runs, so its failure goes unnoticed"
 "no-retry-in-deadline|s/w.retry_at = now \+ backoff_locked\(p, &step\);\n\s+continue;/(void)step;\n            rc = PQPOOL_ECONNECT;\n            break;/|a transient failure fails the acquire at once"
 "no-connect-timeout|s/int64_t cdl = now \+ p->cfg.connect_timeout_ms;/int64_t cdl = deadline;/|one connect attempt may use the whole acquire"
+"blind-to-dead|s/(static int socket_dead\(struct pconn \*pc\)\n\{\n)/\1    return 0; \/* mutant *\/\n/|neither housekeeping nor checkout sees a closed socket"
 "no-refill|s/p->n_idle \+ p->n_refilling >= p->cfg.min_idle/1/|housekeeping never refills to min_idle"
 )
 
