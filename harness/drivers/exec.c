@@ -1009,7 +1009,8 @@ static int exec_fate(struct driver *d, char *why, size_t len)
     pthread_mutex_lock(&d->lock);
     int f = d->fate;
     if (f && why && len)
-        snprintf(why, len, "%.*s", (int)(len - 1 < sizeof d->why ? len - 1 : sizeof d->why), d->why);
+        snprintf(why, len, "%.*s", (int)(len - 1 < sizeof d->why ? len - 1 : sizeof d->why),
+                 d->why);
     pthread_mutex_unlock(&d->lock);
     return f;
 }
