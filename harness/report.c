@@ -203,10 +203,10 @@ void report_tap(FILE *out, const struct runner_case *cases, size_t n)
         report_tap_case(out, &cases[i], i + 1);
 }
 
-/* Markdown table cells must not contain a bare '|' or a newline. */
-static void md_cell(FILE *out, const char *s)
+void report_md_cell(FILE *out, const char *s, size_t max)
 {
-    for (; *s; s++) {
+    size_t n = 0;
+    for (; *s && n < max; s++, n++) {
         if (*s == '|')
             fputs("\\|", out);
         else if (*s == '\n')
@@ -214,6 +214,8 @@ static void md_cell(FILE *out, const char *s)
         else
             fputc(*s, out);
     }
+    if (*s)
+        fputs("...", out);
 }
 
 int report_summary_md(const char *path, const struct runner_case *cases, size_t n, double total_ms,
@@ -242,7 +244,7 @@ int report_summary_md(const char *path, const struct runner_case *cases, size_t 
             if (!pass) {
                 if (c->line > 0)
                     fprintf(f, "line %d: ", c->line);
-                md_cell(f, c->message);
+                report_md_cell(f, c->message, (size_t)-1);
             }
             fprintf(f, " |\n");
         }
@@ -447,7 +449,7 @@ int report_html(const char *path, const struct runner_case *cases, size_t n, dou
         snprintf(err, errlen, "%s: %s", path, strerror(errno));
         return -1;
     }
-    size_t failed = count_failed(cases, n);
+    size_t failed = count_failed(cases, n), skipped = count_skipped(cases, n);
     fprintf(f,
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
             "<title>pgfault: %zu passed, %zu failed</title>\n<style>\n"
@@ -464,13 +466,12 @@ int report_html(const char *path, const struct runner_case *cases, size_t n, dou
             ".legend span{display:inline-block;margin-right:14px} .sw{display:inline-block;"
             "width:10px;height:10px;margin-right:4px;vertical-align:middle}\n"
             "</style></head><body>\n",
-            n - failed - count_skipped(cases, n), failed);
+            n - failed - skipped, failed);
     fprintf(f,
             "<h1>pgfault resilience run</h1>\n<p class=\"sum\"><span class=\"%s\">%s</span>: "
             "%zu passed, %zu failed, %zu not applicable, %zu cases in %.1fs.</p>\n",
-            failed ? "FAIL" : "PASS", failed ? "FAILED" : "PASSED",
-            n - failed - count_skipped(cases, n), failed, count_skipped(cases, n), n,
-            total_ms / 1000.0);
+            failed ? "FAIL" : "PASS", failed ? "FAILED" : "PASSED", n - failed - skipped, failed,
+            skipped, n, total_ms / 1000.0);
     fprintf(f, "<p class=\"legend\">"
                "<span><i class=\"sw\" style=\"background:#2e8b57\"></i>acquire ok / connected / "
                "heal</span>"

@@ -53,6 +53,10 @@ int report_cases_tsv(const char *path, const struct runner_case *cases, size_t n
                      const char *driver, const char *settings, const char *pool, char *err,
                      size_t errlen) REPORT_MUSTCHECK;
 
+/* Writes s as the text of a Markdown table cell: '|' escaped, newlines as
+ * blanks, cut after max characters with "...". */
+void report_md_cell(FILE *out, const char *s, size_t max);
+
 /* Escapes text for XML character data and attributes into a new string
  * (caller frees); control characters XML 1.0 forbids are dropped. */
 char *report_xml_escape(const char *text);

@@ -276,53 +276,57 @@ static int tee_close(void *cookie)
     return fclose(t->a);
 }
 
-/* The driver's settings, resolved once in the parent (defaults filled in). */
-static char resolved_ds[DRIVER_MAX_DSETTINGS][80];
-static const char *resolved_dsp[DRIVER_MAX_DSETTINGS];
-static size_t nresolved_ds;
-/* Who the driver said it is, and its settings as one word ("k=v,k=v" or
- * "-"): how a baseline and the results name this run's cases. */
-static char driver_hello_name[64], driver_settings_word[DRIVER_MAX_DSETTINGS * 81],
-    driver_pool[200];
+/* The run's driver, as its probe found it: owned by runner_run, read by
+ * every case child. */
+struct run_driver {
+    const struct driver_ops *ops;
+    const char *command; /* exec drivers, else NULL */
+    /* Its settings, resolved once (defaults filled in), "key=value". */
+    char ds[DRIVER_MAX_DSETTINGS][80];
+    const char *dsp[DRIVER_MAX_DSETTINGS];
+    size_t nds;
+    /* Who it said it is, and its settings as one word ("k=v,k=v" or "-"):
+     * how a baseline and the results name this run's cases. */
+    char name[64], settings_word[DRIVER_MAX_DSETTINGS * 81], pool[200];
+};
 
 /* Starts the driver once before any case: a driver that cannot say hello,
  * or a --driver-setting it does not have, is a usage error now rather than
  * a failure in every case. */
-static int probe_driver(const struct runner_options *o, const struct driver_ops *drv,
-                        const char *command)
+static int probe_driver(const struct runner_options *o, struct run_driver *rd)
 {
+    const struct driver_ops *drv = rd->ops;
     struct driver *d = NULL;
     char err[800];
-    struct driver_start_args sa = {command, NULL, NULL, NULL};
+    struct driver_start_args sa = {rd->command, NULL, NULL, NULL};
     if (drv->start(&sa, &d, err, sizeof err) < 0) {
         fprintf(stderr, "pgfault: driver %s: %s\n", o->driver ? o->driver : "pqpool", err);
         return -1;
     }
     const struct driver_info *in = drv->info(d);
-    snprintf(driver_hello_name, sizeof driver_hello_name, "%s", in->driver);
-    snprintf(driver_pool, sizeof driver_pool, "%s %s", in->pool, in->version);
-    int n = driver_resolve_settings(in, o->driver_settings, o->ndriver_settings, resolved_ds, err,
+    snprintf(rd->name, sizeof rd->name, "%s", in->driver);
+    snprintf(rd->pool, sizeof rd->pool, "%s %s", in->pool, in->version);
+    int n = driver_resolve_settings(in, o->driver_settings, o->ndriver_settings, rd->ds, err,
                                     sizeof err);
     drv->destroy(d);
     if (n < 0) {
         fprintf(stderr, "pgfault: --driver-setting: %s\n", err);
         return -1;
     }
-    snprintf(driver_settings_word, sizeof driver_settings_word, "%s", n ? "" : "-");
+    snprintf(rd->settings_word, sizeof rd->settings_word, "%s", n ? "" : "-");
     for (int i = 0; i < n; i++) {
-        resolved_dsp[i] = resolved_ds[i];
-        size_t l = strlen(driver_settings_word);
-        snprintf(driver_settings_word + l, sizeof driver_settings_word - l, "%s%s", i ? "," : "",
-                 resolved_ds[i]);
+        rd->dsp[i] = rd->ds[i];
+        size_t l = strlen(rd->settings_word);
+        snprintf(rd->settings_word + l, sizeof rd->settings_word - l, "%s%s", i ? "," : "",
+                 rd->ds[i]);
     }
-    nresolved_ds = (size_t)n;
+    rd->nds = (size_t)n;
     return 0;
 }
 
-static void child_main(const struct runner_options *o, const struct driver_ops *drv,
-                       const char *command, const struct scn *s, enum scn_backend be,
-                       const char *trace_path, const char *timeline_path, const char *result_path,
-                       int live)
+static void child_main(const struct runner_options *o, const struct run_driver *rd,
+                       const struct scn *s, enum scn_backend be, const char *trace_path,
+                       const char *timeline_path, const char *result_path, int live)
 {
     /* Its own process group, so the runner kills a driver process (and
      * whatever that starts) together with the case. Throwaway servers
@@ -348,11 +352,11 @@ static void child_main(const struct runner_options *o, const struct driver_ops *
     struct steps_options so = {
         .scn = s,
         .backend = be,
-        .driver = drv,
+        .driver = rd->ops,
         .driver_name = o->driver ? o->driver : "pqpool",
-        .driver_command = command,
-        .driver_settings = resolved_dsp,
-        .ndriver_settings = nresolved_ds,
+        .driver_command = rd->command,
+        .driver_settings = rd->dsp,
+        .ndriver_settings = rd->nds,
         .server_conninfo = o->server_conninfo,
         .seed = o->seed,
         .trace = trace,
@@ -508,6 +512,7 @@ int runner_run(const struct runner_options *o)
     int exit_code = 2;
     char tmpdir[] = "/tmp/pgfault-run-XXXXXX";
     struct baseline *bl = NULL;
+    struct run_driver *rd = NULL;
     int have_tmp = 0;
     const char *dname = o->driver ? o->driver : "pqpool", *command = NULL;
     const struct driver_ops *drv = driver_find(dname, &command);
@@ -522,7 +527,12 @@ int runner_run(const struct runner_options *o)
             goto out;
         }
     }
-    if (load(o, &p) < 0 || probe_driver(o, drv, command) < 0)
+    rd = calloc(1, sizeof *rd);
+    if (!rd)
+        goto out;
+    rd->ops = drv;
+    rd->command = command;
+    if (load(o, &p) < 0 || probe_driver(o, rd) < 0)
         goto out;
 
     /* Expand scenarios into cases, then filter and shard. */
@@ -629,7 +639,7 @@ int runner_run(const struct runner_options *o)
                 break;
             }
             if (pid == 0)
-                child_main(o, drv, command, case_scn[next], cases[next].backend, tp, lp, rp, live);
+                child_main(o, rd, case_scn[next], cases[next].backend, tp, lp, rp, live);
             setpgid(pid, pid); /* also here: no window where a kill misses the group */
             jobs[j] = (struct job){pid, next, now_ms(), case_budget_ms(case_scn[next], o),
                                    case_scn[next]};
@@ -661,7 +671,7 @@ int runner_run(const struct runner_options *o)
             snprintf(rp, sizeof rp, "%s/%zu.result", tmpdir, jobs[j].index);
             collect(jobs[j].budget_ms, c, ws, hung, tp, lp, rp);
             if (bl)
-                (void)baseline_apply(bl, driver_hello_name, driver_settings_word, c, 1);
+                (void)baseline_apply(bl, rd->name, rd->settings_word, c, 1);
             kill(-jobs[j].pid, SIGKILL); /* whatever the case left in its group */
             unlink(tp);
             unlink(lp);
@@ -716,8 +726,8 @@ int runner_run(const struct runner_options *o)
     char tsv[1024];
     snprintf(tsv, sizeof tsv, "%s/cases.tsv", o->reports_dir);
     if (report_junit(junit, cases, ncases, total_ms, err, sizeof err) < 0 ||
-        report_cases_tsv(tsv, cases, ncases, driver_hello_name, driver_settings_word, driver_pool,
-                         err, sizeof err) < 0 ||
+        report_cases_tsv(tsv, cases, ncases, rd->name, rd->settings_word, rd->pool, err,
+                         sizeof err) < 0 ||
         report_summary_md(summary, cases, ncases, total_ms, err, sizeof err) < 0 ||
         report_html(html, cases, ncases, total_ms, err, sizeof err) < 0) {
         fprintf(stderr, "pgfault: writing reports: %s\n", err);
@@ -780,5 +790,6 @@ out:
     free(jobs);
     plan_free(&p);
     baseline_free(bl);
+    free(rd);
     return exit_code;
 }

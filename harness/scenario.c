@@ -578,13 +578,15 @@ static int parse_header(struct parser *p, int which, struct token *tok, int n)
         p->backends_line = p->line;
         return 0;
     }
-    case 2:
+    case 2: {
+        size_t first = s->npool; /* earlier pool lines were checked already */
         if (parse_settings(p, tok, n, &s->pool, &s->npool) < 0)
             return -1;
-        for (size_t i = 0; i < s->npool; i++)
+        for (size_t i = first; i < s->npool; i++)
             if (check_pool_setting(p, &s->pool[i]) < 0)
                 return -1;
         return 0;
+    }
     case 3:
         return parse_settings(p, tok, n, &s->server, &s->nserver);
     }

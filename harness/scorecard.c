@@ -139,15 +139,6 @@ static int read_run(struct card *k, const char *tsv, const char *run_dir, const 
     return 0;
 }
 
-static void md_text(FILE *f, const char *s, size_t max)
-{
-    size_t n = 0;
-    for (; *s && n < max; s++, n++)
-        fputs(*s == '|' ? "\\|" : (char[]){*s, 0}, f);
-    if (*s)
-        fputs("...", f);
-}
-
 static int write_md(const struct card *k, const char *path)
 {
     FILE *f = fopen(path, "w");
@@ -178,7 +169,7 @@ static int write_md(const struct card *k, const char *path)
                 continue;
             }
             fprintf(f, " [**%s**](%s)%s: ", ce->status, ce->trace, ce->expected ? " *known*" : "");
-            md_text(f, ce->message, 300);
+            report_md_cell(f, ce->message, 300);
             fprintf(f, " |");
         }
         fprintf(f, "\n");

@@ -216,8 +216,6 @@ static void log_cb(void *arg, const char *line)
 
 /* ---- Acquire ----------------------------------------------------------------- */
 
-static const char *outcome_name(enum driver_outcome o);
-
 static void do_acquire(struct slot *s, int timeout_ms)
 {
     struct ctx *c = s->ctx;
@@ -228,7 +226,7 @@ static void do_acquire(struct slot *s, int timeout_ms)
      * call, so a driver process's pipe does not count against the pool. */
     s->outcome = c->drv->acquire(c->d, timeout_ms, &conn, &s->elapsed_ms, s->err, sizeof s->err);
     double end = steps_now_ms();
-    timeline(c, t, end, "acquire", "%s: %s after %.1fms", s->name, outcome_name(s->outcome),
+    timeline(c, t, end, "acquire", "%s: %s after %.1fms", s->name, driver_outcome_name(s->outcome),
              s->elapsed_ms);
     if (s->outcome == DRIVER_OK) {
         s->conn = conn;
@@ -236,27 +234,22 @@ static void do_acquire(struct slot *s, int timeout_ms)
     }
 }
 
-static const char *outcome_name(enum driver_outcome o)
-{
-    return driver_outcome_name(o);
-}
-
 /* Checks an acquire's outcome and timing against its step. */
 static int check_acquire(struct ctx *c, const struct scn_step *st, const struct slot *s)
 {
     const char *detail = s->err[0] ? s->err : "";
-    trace(c, "", "%s: %s after %.1fms%s%s", s->name, outcome_name(s->outcome), s->elapsed_ms,
+    trace(c, "", "%s: %s after %.1fms%s%s", s->name, driver_outcome_name(s->outcome), s->elapsed_ms,
           detail[0] ? ": " : "", detail);
     if ((int)s->outcome != (int)st->expect)
         return fail(c, st->line, "acquire %s: expected %s, got %s after %.1fms%s%s", s->name,
-                    scn_outcome_name(st->expect), outcome_name(s->outcome), s->elapsed_ms,
+                    scn_outcome_name(st->expect), driver_outcome_name(s->outcome), s->elapsed_ms,
                     detail[0] ? " -- " : "", detail);
     if (st->within_ms >= 0 && s->elapsed_ms > st->within_ms)
         return fail(c, st->line, "acquire %s: took %.1fms, bound is within %dms", s->name,
                     s->elapsed_ms, st->within_ms);
     if (st->not_before_ms >= 0 && s->elapsed_ms < st->not_before_ms)
         return fail(c, st->line, "acquire %s: returned %s after %.1fms, earlier than %dms", s->name,
-                    outcome_name(s->outcome), s->elapsed_ms, st->not_before_ms);
+                    driver_outcome_name(s->outcome), s->elapsed_ms, st->not_before_ms);
     return 0;
 }
 
@@ -265,7 +258,7 @@ static void *background_acquire(void *arg)
     struct slot *s = arg;
     do_acquire(s, s->step->timeout_ms);
     trace(s->ctx, "", "background acquire %s finished: %s after %.1fms", s->name,
-          outcome_name(s->outcome), s->elapsed_ms);
+          driver_outcome_name(s->outcome), s->elapsed_ms);
     return NULL;
 }
 
@@ -346,7 +339,7 @@ static void *queue_main(void *arg)
         pthread_mutex_unlock(&c->lock);
     }
     group_count(g, o, waited);
-    trace(c, "", "%s[%d]: %s after %.1fms", g->name, ga->index, outcome_name(o), waited);
+    trace(c, "", "%s[%d]: %s after %.1fms", g->name, ga->index, driver_outcome_name(o), waited);
     if (o == DRIVER_OK) {
         sleep_ms(g->step->hold_ms);
         (void)c->drv->release(c->d, conn, NULL, 0);

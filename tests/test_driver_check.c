@@ -153,20 +153,7 @@ static char *junit(void)
 
 static int run_with(const char *driver, const char *rel, unsigned backends)
 {
-    char path[512], reports[512];
-    snprintf(path, sizeof path, "%s/%s", dir, rel);
-    snprintf(reports, sizeof reports, "%s/reports", dir);
-    const char *paths[] = {path};
-    struct runner_options o = {0};
-    o.paths = paths;
-    o.npaths = 1;
-    o.backends = backends;
-    o.jobs = 1;
-    o.reports_dir = reports;
-    o.driver = driver;
-    o.case_timeout_ms = 60000;
-    fflush(stdout);
-    return runner_run(&o);
+    return testutil_run(dir, rel, driver, backends, 60000);
 }
 
 static const char *const simple = "pool max=2 min_idle=0 acquire_timeout=1s connect_timeout=1s\n"

@@ -31,20 +31,7 @@ static char *slurp(const char *rel)
 
 static int run(const char *rel, int timeout_ms)
 {
-    char path[512], reports[512];
-    snprintf(path, sizeof path, "%s/%s", dir, rel);
-    snprintf(reports, sizeof reports, "%s/reports", dir);
-    const char *paths[] = {path};
-    struct runner_options o = {0};
-    o.paths = paths;
-    o.npaths = 1;
-    o.backends = SCN_BACKEND_FAKE;
-    o.jobs = 1;
-    o.reports_dir = reports;
-    o.driver = "pqpool";
-    o.case_timeout_ms = timeout_ms;
-    fflush(stdout);
-    return runner_run(&o);
+    return testutil_run(dir, rel, "pqpool", SCN_BACKEND_FAKE, timeout_ms);
 }
 
 static int setup(void **state)

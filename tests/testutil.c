@@ -7,6 +7,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "runner.h"
+
 int testutil_write(const char *dir, const char *rel, const char *text)
 {
     char path[1024];
@@ -38,4 +40,23 @@ char *testutil_slurp(const char *dir, const char *rel)
     buf[n] = '\0';
     fclose(f);
     return buf;
+}
+
+int testutil_run(const char *dir, const char *rel, const char *driver, unsigned backends,
+                 int timeout_ms)
+{
+    char path[1024], reports[1024];
+    snprintf(path, sizeof path, "%s/%s", dir, rel);
+    snprintf(reports, sizeof reports, "%s/reports", dir);
+    const char *paths[] = {path};
+    struct runner_options o = {0};
+    o.paths = paths;
+    o.npaths = 1;
+    o.backends = backends;
+    o.jobs = 1;
+    o.reports_dir = reports;
+    o.driver = driver;
+    o.case_timeout_ms = timeout_ms;
+    fflush(stdout);
+    return runner_run(&o);
 }

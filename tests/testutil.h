@@ -11,4 +11,9 @@ int testutil_write(const char *dir, const char *rel, const char *text);
  * it cannot be read. The next call overwrites it. */
 char *testutil_slurp(const char *dir, const char *rel);
 
+/* Runs the scenario file dir/rel with the runner, one job, reports in
+ * dir/reports, and returns runner_run's exit code. */
+int testutil_run(const char *dir, const char *rel, const char *driver, unsigned backends,
+                 int timeout_ms);
+
 #endif
