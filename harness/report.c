@@ -122,9 +122,9 @@ int report_junit(const char *path, const struct runner_case *cases, size_t n, do
             snprintf(head, sizeof head, "%s: %s", runner_status_name(c->status), c->message);
         char *msg = report_xml_escape(head);
         if (c->expected || (c->status == RUNNER_NA && !c->unexpected)) {
-            char why_text[1500];
+            char why_text[2400];
             if (c->expected)
-                snprintf(why_text, sizeof why_text, "expected %s (%s): %s",
+                snprintf(why_text, sizeof why_text, "expected %s (%.999s): %.1199s",
                          runner_status_name(c->status), c->expect_reason, head);
             else
                 snprintf(why_text, sizeof why_text, "%s", c->message);
