@@ -15,6 +15,7 @@
  * they run as the `postgres` system user, since PostgreSQL refuses root.
  */
 #include "pgserver.h"
+#include "testhook.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -31,6 +32,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/prctl.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -77,6 +81,10 @@ static char template_dir[DIR_MAX];
 static char template_user[64], template_password[128], template_dbname[64];
 static struct reaper template_reaper;
 static char bindir[PATH_MAX];
+/* Where temp dirs are made (pgserver_set_base_dir), else $TMPDIR or /tmp. */
+static char base_dir[128];
+/* pgserver_set_interrupt's flag. */
+static volatile sig_atomic_t *interrupt_flag;
 
 __attribute__((format(printf, 3, 4))) static int fail(char *err, size_t len, const char *fmt, ...)
 {
@@ -113,11 +121,19 @@ static int drop_ids(uid_t *uid, gid_t *gid)
 
 /*
  * Runs argv with stdin from in (may be NULL), collects stdout+stderr into
- * out (may be NULL), and waits at most timeout_ms. Returns the exit status
- * (0 = success), or -1 if it could not run or timed out (err says which).
+ * out (may be NULL), and waits at most timeout_ms. password (may be NULL)
+ * reaches the command as PGPASSWORD, never on its command line, where any
+ * local user could read it. phase (may be NULL) names the step for
+ * testhook_pause. Returns the exit status (0 = success), or -1 if it could
+ * not run, timed out or was interrupted (err says which).
+ *
+ * The command dies with its caller: it has a parent-death signal, set after
+ * the switch to the postgres user (which clears it), so a caller killed
+ * mid-initdb or mid-copy leaves nothing writing into a temp dir that its
+ * reaper is removing.
  */
 static int run(char *const argv[], const char *in, char *out, size_t outlen, int timeout_ms,
-               char *err, size_t errlen)
+               const char *phase, const char *password, char *err, size_t errlen)
 {
     int inp[2] = {-1, -1}, outp[2] = {-1, -1};
     uid_t uid = 0;
@@ -136,6 +152,7 @@ static int run(char *const argv[], const char *in, char *out, size_t outlen, int
         }
         return fail(err, errlen, "pipe: %s", strerror(e));
     }
+    pid_t parent = getpid();
     pid_t pid = fork();
     if (pid < 0) {
         int e = errno;
@@ -149,6 +166,8 @@ static int run(char *const argv[], const char *in, char *out, size_t outlen, int
         signal(SIGPIPE, SIG_DFL);
         if (drop > 0 && (setgroups(0, NULL) < 0 || setgid(gid) < 0 || setuid(uid) < 0))
             _exit(126);
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != parent)
+            _exit(125); /* the caller is already gone */
         /* English messages, and no PG* settings of the caller leaking in. */
         setenv("LC_ALL", "C", 1);
         extern char **environ;
@@ -161,6 +180,8 @@ static int run(char *const argv[], const char *in, char *out, size_t outlen, int
                 e++;
             }
         }
+        if (password)
+            setenv("PGPASSWORD", password, 1);
         /* The raw system call, not execv(): a --coverage build wraps the
          * exec functions to write its counters first, which fails once
          * this child is the postgres user and would put gcov's complaint
@@ -170,6 +191,8 @@ static int run(char *const argv[], const char *in, char *out, size_t outlen, int
     }
     close(inp[0]);
     close(outp[1]);
+    if (phase)
+        testhook_pause(phase, interrupt_flag);
     if (in) {
         size_t left = strlen(in);
         const char *p = in;
@@ -185,15 +208,21 @@ static int run(char *const argv[], const char *in, char *out, size_t outlen, int
     size_t used = 0;
     char sink[4096];
     int64_t deadline = now_ms() + timeout_ms;
-    int timed_out = 0;
+    int timed_out = 0, interrupted = 0;
     for (;;) {
         int64_t left = deadline - now_ms();
+        if (interrupt_flag && *interrupt_flag) {
+            interrupted = 1;
+            break;
+        }
         if (left <= 0) {
             timed_out = 1;
             break;
         }
+        /* A signal for the flag may reach another thread: look again at
+         * least every 100 ms. */
         struct pollfd pfd = {outp[0], POLLIN, 0};
-        int r = poll(&pfd, 1, (int)left);
+        int r = poll(&pfd, 1, left < 100 ? (int)left : 100);
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0)
@@ -212,16 +241,20 @@ static int run(char *const argv[], const char *in, char *out, size_t outlen, int
     if (out && outlen)
         out[used] = '\0';
     int status = 0;
-    if (timed_out)
+    if (timed_out || interrupted)
         kill(pid, SIGKILL);
     while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
         ;
+    if (interrupted)
+        return fail(err, errlen, "%s: interrupted by a signal", argv[0]);
     if (timed_out)
         return fail(err, errlen, "%s did not finish within %ds", argv[0], timeout_ms / 1000);
     if (WIFEXITED(status) && WEXITSTATUS(status) == 127)
         return fail(err, errlen, "cannot run %s", argv[0]);
     if (WIFEXITED(status) && WEXITSTATUS(status) == 126)
         return fail(err, errlen, "cannot switch to the postgres user to run %s", argv[0]);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 125)
+        return fail(err, errlen, "cannot run %s: its caller is gone", argv[0]);
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
@@ -299,10 +332,31 @@ static void rm_rf(const char *dir)
         nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
+/* rm_rf until dir is gone, for at most 10 s: a command killed a moment ago
+ * (the parent-death signal of run()) may still create an entry behind one
+ * pass. Returns 0 once gone. */
+static int rm_rf_wait(const char *dir)
+{
+    struct stat st;
+    int64_t end = now_ms() + 10000;
+    for (;;) {
+        rm_rf(dir);
+        if (lstat(dir, &st) < 0 && errno == ENOENT)
+            return 0;
+        if (now_ms() > end)
+            return -1;
+        poll(NULL, 0, 20);
+    }
+}
+
 static int make_dir(char *path, size_t len, const char *kind, char *err, size_t errlen)
 {
     const char *tmp = getenv("TMPDIR");
-    snprintf(path, len, "%s/pgfault-%s-XXXXXX", tmp && *tmp ? tmp : "/tmp", kind);
+    snprintf(path, len, "%s/pgfault-%s-XXXXXX",
+             base_dir[0]   ? base_dir
+             : tmp && *tmp ? tmp
+                           : "/tmp",
+             kind);
     if (!mkdtemp(path))
         return fail(err, errlen, "mkdtemp %s: %s", path, strerror(errno));
     uid_t uid;
@@ -381,7 +435,7 @@ static int start_reaper(struct reaper *r, const char *dir, char *err, size_t err
         char data[PATH_MAX + 8];
         snprintf(data, sizeof data, "%s/data", dir);
         kill_postmaster(data);
-        rm_rf(dir);
+        rm_rf_wait(dir);
         _exit(0);
     }
     close(p[0]);
@@ -467,7 +521,8 @@ static int make_template_locked(const struct pgserver_options *o, char *err, siz
                                  "--no-sync",
                                  "--no-instructions",
                                  NULL};
-    int rc = run(initdb_argv, NULL, out, sizeof out, CMD_TIMEOUT_MS, e, sizeof e);
+    testhook_pause("template", interrupt_flag);
+    int rc = run(initdb_argv, NULL, out, sizeof out, CMD_TIMEOUT_MS, "initdb", NULL, e, sizeof e);
     if (rc != 0) {
         fail(err, errlen, "initdb: %s", rc < 0 ? e : tail(out, 3));
         goto fail;
@@ -501,7 +556,7 @@ static int make_template_locked(const struct pgserver_options *o, char *err, siz
              role, pw, db, role);
     char *const single_argv[] = {postgres, "--single",  "-D",       data,
                                  "-c",     "fsync=off", "postgres", NULL};
-    rc = run(single_argv, sql, out, sizeof out, CMD_TIMEOUT_MS, e, sizeof e);
+    rc = run(single_argv, sql, out, sizeof out, CMD_TIMEOUT_MS, "role", NULL, e, sizeof e);
     if (rc != 0 || strstr(out, "ERROR:")) {
         fail(err, errlen, "creating role %s: %s", o->user, rc < 0 ? e : tail(out, 3));
         goto fail;
@@ -512,7 +567,7 @@ static int make_template_locked(const struct pgserver_options *o, char *err, siz
     snprintf(template_dbname, sizeof template_dbname, "%s", o->dbname);
     return 0;
 fail:
-    rm_rf(dir);
+    rm_rf_wait(dir);
     stop_reaper(&template_reaper);
     return -1;
 }
@@ -609,11 +664,38 @@ static int count_auth_failures(struct pgserver *s, char *err, size_t errlen)
 
 /* ---- Public API ---------------------------------------------------------------------- */
 
+/* This process's role password: random, made once, inherited by forked
+ * children (so a runner's cases share its template). A fixed one would let
+ * any local user log in to a running throwaway server. */
+static char process_password[33];
+static pthread_once_t password_once = PTHREAD_ONCE_INIT;
+
+static void make_password(void)
+{
+    static const char alphabet[] = "abcdefghijklmnopqrstuvwxyz"
+                                   "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    unsigned char raw[sizeof process_password - 1];
+    size_t got = 0;
+    while (got < sizeof raw) {
+        ssize_t n = getrandom(raw + got, sizeof raw - got, 0);
+        if (n < 0 && errno != EINTR)
+            abort(); /* no kernel randomness: nothing sane to fall back on */
+        if (n > 0)
+            got += (size_t)n;
+    }
+    /* 62 letters: 248 of 256 byte values map evenly; the 8 above are rare
+     * enough (and the password long enough) that the bias is immaterial. */
+    for (size_t i = 0; i < sizeof raw; i++)
+        process_password[i] = alphabet[raw[i] % (sizeof alphabet - 1)];
+    process_password[sizeof raw] = '\0';
+}
+
 void pgserver_options_init(struct pgserver_options *o)
 {
     memset(o, 0, sizeof *o);
+    pthread_once(&password_once, make_password);
     o->user = "pgfault";
-    o->password = "pgfault";
+    o->password = process_password;
     o->dbname = "pgfault";
     o->max_connections = 100;
 }
@@ -682,22 +764,17 @@ int pgserver_create(const struct pgserver_options *o, struct pgserver **out, cha
     }
     snprintf(s->data, sizeof s->data, "%s/data", s->dir);
     snprintf(s->log, sizeof s->log, "%s/server.log", s->dir);
-    /* cp -a keeps the owner (postgres) and the 0700 mode PostgreSQL wants. */
+    /* cp -a keeps the 0700 mode PostgreSQL wants; run() runs it as the
+     * postgres user when we are root, so the copy is owned by postgres. */
     char src[PATH_MAX + 8];
     snprintf(src, sizeof src, "%s/data", template_dir);
-    /* cp runs as the caller: as root, -a preserves the postgres owner. */
     char *const cp_argv[] = {"/bin/cp", "-a", src, s->data, NULL};
-    pid_t pid = fork();
-    if (pid == 0) {
-        execv(cp_argv[0], cp_argv);
-        _exit(127);
-    }
-    int status = -1;
-    if (pid > 0)
-        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-            ;
-    if (pid < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-        fail(err, errlen, "copying the template data dir to %s failed", s->data);
+    char out_text[1024], e[512];
+    int rc2 =
+        run(cp_argv, NULL, out_text, sizeof out_text, CMD_TIMEOUT_MS, "copy", NULL, e, sizeof e);
+    if (rc2 != 0) {
+        fail(err, errlen, "copying the template data dir to %s: %s", s->data,
+             rc2 < 0 ? e : tail(out_text, 2));
         pgserver_destroy(s);
         return -1;
     }
@@ -717,8 +794,8 @@ static int sql_as_superuser(struct pgserver *s, const char *db, const char *sql,
     char *const attached_argv[] = {
         psql, "-X",        "-q", "-A",        "-t", "-v", "ON_ERROR_STOP=1",
         "-d", s->attached, "-c", (char *)sql, NULL};
-    int rc = run(s->attached ? attached_argv : argv, NULL, text, sizeof text, CMD_TIMEOUT_MS, e,
-                 sizeof e);
+    int rc = run(s->attached ? attached_argv : argv, NULL, text, sizeof text, CMD_TIMEOUT_MS, NULL,
+                 s->attached ? s->password : NULL, e, sizeof e);
     if (rc != 0)
         return fail(err, errlen, "psql: %s", rc < 0 ? e : tail(text, 3));
     size_t l = strlen(text);
@@ -796,7 +873,7 @@ int pgserver_start(struct pgserver *s, char *err, size_t errlen)
                  s->dir, s->max_connections);
         char *const argv[] = {pg_ctl, "-D", s->data, "-l", s->log,  "-w",
                               "-t",   "60", "-o",    opts, "start", NULL};
-        int rc = run(argv, NULL, out, sizeof out, CMD_TIMEOUT_MS + 5000, e, sizeof e);
+        int rc = run(argv, NULL, out, sizeof out, CMD_TIMEOUT_MS + 5000, NULL, NULL, e, sizeof e);
         if (rc == 0) {
             s->started = 1;
             if (fix_identity(s, err, errlen) < 0)
@@ -832,7 +909,7 @@ int pgserver_stop(struct pgserver *s, enum pgserver_stop_mode mode, char *err, s
                     : mode == PGSERVER_STOP_FAST ? "fast"
                                                  : "immediate";
     char *const argv[] = {pg_ctl, "-D", s->data, "-m", (char *)m, "-w", "-t", "60", "stop", NULL};
-    int rc = run(argv, NULL, out, sizeof out, CMD_TIMEOUT_MS + 5000, e, sizeof e);
+    int rc = run(argv, NULL, out, sizeof out, CMD_TIMEOUT_MS + 5000, NULL, NULL, e, sizeof e);
     s->started = 0;
     if (rc != 0)
         return fail(err, errlen, "pg_ctl stop -m %s: %s", m, rc < 0 ? e : tail(out, 2));
@@ -985,7 +1062,9 @@ int pgserver_attach(const char *conninfo, struct pgserver **out, char *err, size
     if (!s)
         return fail(err, errlen, "out of memory");
     s->reaper.wfd = -1;
-    if (find_bindir(err, errlen) < 0 || !(s->attached = strdup(conninfo))) {
+    /* s->attached is the conninfo psql gets on its command line: every
+     * keyword but the password, which goes through the environment. */
+    if (find_bindir(err, errlen) < 0 || !(s->attached = calloc(1, strlen(conninfo) + 1))) {
         free(s);
         return -1;
     }
@@ -1010,6 +1089,9 @@ int pgserver_attach(const char *conninfo, struct pgserver **out, char *err, size
             snprintf(s->password, sizeof s->password, "%s", eq);
         else if (strcmp(kv, "dbname") == 0)
             snprintf(s->dbname, sizeof s->dbname, "%s", eq);
+        if (strcmp(kv, "password") != 0)
+            sprintf(s->attached + strlen(s->attached), "%s%s=%s", s->attached[0] ? " " : "", kv,
+                    eq);
     }
     if (!s->host[0] || s->port <= 0 || !s->user[0] || !s->dbname[0]) {
         fail(err, errlen,
@@ -1047,4 +1129,35 @@ void pgserver_destroy(struct pgserver *s)
     rm_rf(s->dir);
     stop_reaper(&s->reaper);
     free(s);
+}
+
+int pgserver_set_base_dir(const char *dir, char *err, size_t errlen)
+{
+    /* Room for "/pgfault-server-XXXXXX/.s.PGSQL.NNNNN": a Unix socket
+     * path must fit in sun_path (108 bytes). */
+    if (strlen(dir) > 60)
+        return fail(err, errlen, "temp dir path too long for a server's socket: %s", dir);
+    snprintf(base_dir, sizeof base_dir, "%s", dir);
+    return 0;
+}
+
+void pgserver_set_interrupt(volatile sig_atomic_t *flag)
+{
+    interrupt_flag = flag;
+}
+
+int pgserver_reap_dir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    while (d && (e = readdir(d)) != NULL) {
+        if (strncmp(e->d_name, "pgfault-", 8) != 0)
+            continue;
+        char data[PATH_MAX];
+        snprintf(data, sizeof data, "%s/%s/data", dir, e->d_name);
+        kill_postmaster(data);
+    }
+    if (d)
+        closedir(d);
+    return rm_rf_wait(dir);
 }

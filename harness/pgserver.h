@@ -13,7 +13,8 @@
  * Nothing is left behind: each cluster has a reaper process that stops the
  * server (immediate mode) and removes the temp dir when the cluster is
  * destroyed or when the owning process dies for any reason, SIGKILL
- * included.
+ * included. Commands (initdb, cp, pg_ctl, psql) die with the thread that
+ * runs them, so none outlives its caller.
  *
  * Administrative SQL (terminate, count, ALTER ROLE) runs through psql as a
  * separate process, so it never goes through the process's own libpq (which
@@ -25,6 +26,7 @@
 #ifndef PGFAULT_PGSERVER_H
 #define PGFAULT_PGSERVER_H
 
+#include <signal.h>
 #include <stddef.h>
 
 #define PGSERVER_MUSTCHECK __attribute__((warn_unused_result))
@@ -33,14 +35,35 @@ struct pgserver;
 
 struct pgserver_options {
     const char *user;     /* login role; default "pgfault" */
-    const char *password; /* its password; default "pgfault" */
+    const char *password; /* its password; default: random, one per process */
     const char *dbname;   /* database owned by user; default "pgfault" */
     int max_connections;  /* default 100 */
     int port;             /* 0 (default): a free loopback port */
 };
 
-/* Fills o with the defaults above. */
+/* Fills o with the defaults above. The default password is 32 random
+ * letters and digits, made once per process and shared by its forked
+ * children, so no other local user can guess it. */
 void pgserver_options_init(struct pgserver_options *o);
+
+/* Makes this process's temp dirs (the template's and every cluster's)
+ * under dir instead of $TMPDIR (or /tmp). dir must exist and be
+ * traversable by the postgres user when running as root; its path must be
+ * short enough for the servers' Unix sockets (60 characters). */
+int pgserver_set_base_dir(const char *dir, char *err, size_t errlen) PGSERVER_MUSTCHECK;
+
+/* A command pgserver runs (initdb, cp, pg_ctl, psql) is killed, and the
+ * call fails with "interrupted", once *flag is non-zero (a signal handler
+ * sets it). NULL: never. */
+void pgserver_set_interrupt(volatile sig_atomic_t *flag);
+
+/* Stops (immediate) every postmaster whose cluster dir is directly under
+ * dir -- a template's or cluster's pgfault-* dir, found through its
+ * postmaster.pid -- then removes dir, waiting up to 10 s for it to be gone
+ * (a command killed a moment ago may still write into it). For cleaning up
+ * after a process that can no longer do it itself. Returns 0 once dir is
+ * gone, -1 if it is still there. */
+int pgserver_reap_dir(const char *dir);
 
 /* Builds this process's template data dir now (it is otherwise made by the
  * first pgserver_create). A process that forks workers calls this first,

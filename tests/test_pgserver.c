@@ -2,7 +2,9 @@
  * Tests of the throwaway servers: real clusters, real psql, and the
  * promise that nothing is left behind -- also when the owner is killed.
  */
+#include <dirent.h>
 #include <errno.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -172,7 +174,8 @@ static void test_restart_keeps_port(void **state)
 
 static void test_password_change(void **state)
 {
-    char ci[512], out[512], err[512];
+    char ci[512], out[512], err[512], orig[128];
+    snprintf(orig, sizeof orig, "%s", pgserver_password(srv));
     assert_int_equal(pgserver_set_password(srv, "rotated", err, sizeof err), 0);
     assert_string_equal(pgserver_password(srv), "rotated");
     snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=pgfault password=pgfault dbname=pgfault",
@@ -182,7 +185,7 @@ static void test_password_change(void **state)
     assert_int_equal(pgserver_conninfo(srv, ci, sizeof ci, NULL), 0);
     psql(ci, "SELECT 1", out, sizeof out);
     assert_string_equal(out, "1");
-    assert_int_equal(pgserver_set_password(srv, "pgfault", err, sizeof err), 0);
+    assert_int_equal(pgserver_set_password(srv, orig, err, sizeof err), 0);
 }
 
 static void test_max_connections(void **state)
@@ -396,14 +399,120 @@ static void test_sigint_of_owner_leaves_nothing(void **state)
     owner_killed_leaves_nothing(SIGINT);
 }
 
+/* The default role password is not a constant anyone could know: random,
+ * long, and different in another process (this binary run again). */
+static void test_default_password_is_random_per_process(void **state)
+{
+    struct pgserver_options o;
+    pgserver_options_init(&o);
+    assert_string_not_equal(o.password, "pgfault");
+    assert_int_equal(strlen(o.password), 32);
+    for (const char *c = o.password; *c; c++)
+        assert_true((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') ||
+                    (*c >= '0' && *c <= '9'));
+    assert_string_equal(pgserver_password(srv), o.password);
+    char cmd[600], other[128] = "";
+    snprintf(cmd, sizeof cmd, "TEST_PRINT_PASSWORD=1 /proc/%ld/exe", (long)getpid());
+    FILE *f = popen(cmd, "r");
+    assert_non_null(f);
+    assert_non_null(fgets(other, sizeof other, f));
+    pclose(f);
+    other[strcspn(other, "\n")] = '\0';
+    assert_int_equal(strlen(other), 32);
+    assert_string_not_equal(other, o.password);
+}
+
+struct sql_call {
+    struct pgserver *s;
+    int rc;
+    char err[512];
+};
+
+static void *sql_thread(void *arg)
+{
+    struct sql_call *c = arg;
+    c->rc = pgserver_sql(c->s, "SELECT pg_sleep(1.5) /* cmdline-probe */", NULL, 0, c->err,
+                         sizeof c->err);
+    return NULL;
+}
+
+/* Reads /proc/PID/cmdline with its NULs turned into blanks. */
+static int cmdline_of(const char *pid, char *out, size_t len)
+{
+    char path[300];
+    snprintf(path, sizeof path, "/proc/%s/cmdline", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(out, 1, len - 1, f);
+    fclose(f);
+    for (size_t i = 0; i < n; i++)
+        if (out[i] == '\0')
+            out[i] = ' ';
+    out[n] = '\0';
+    return 0;
+}
+
+/* --server's password must not reach psql's command line, which every
+ * local user can read in ps. The psql pgserver runs is caught while it
+ * runs, and its command line inspected. */
+static void test_attached_password_not_on_command_line(void **state)
+{
+    char ci[600], err[512];
+    const char *secret = "Sekrit-4-cmdline";
+    assert_int_equal(pgserver_set_password(srv, secret, err, sizeof err), 0);
+    assert_int_equal(pgserver_conninfo(srv, ci, sizeof ci, NULL), 0);
+    assert_non_null(strstr(ci, secret));
+    struct pgserver *att = NULL;
+    assert_int_equal(pgserver_attach(ci, &att, err, sizeof err), 0);
+    struct sql_call call = {att, -1, ""};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, sql_thread, &call), 0);
+    int seen = 0, leaked = 0;
+    double end = now_ms() + 5000;
+    while (!seen && now_ms() < end) {
+        DIR *d = opendir("/proc");
+        struct dirent *e;
+        while (d && (e = readdir(d)) != NULL) {
+            char line[4096];
+            if (e->d_name[0] < '0' || e->d_name[0] > '9' ||
+                cmdline_of(e->d_name, line, sizeof line) < 0)
+                continue;
+            if (strstr(line, "cmdline-probe") && strstr(line, "psql")) {
+                seen = 1;
+                leaked |= strstr(line, secret) != NULL;
+            }
+        }
+        if (d)
+            closedir(d);
+        usleep(5000);
+    }
+    pthread_join(t, NULL);
+    pgserver_destroy(att);
+    struct pgserver_options o;
+    pgserver_options_init(&o);
+    assert_int_equal(pgserver_set_password(srv, o.password, err, sizeof err), 0);
+    assert_int_equal(call.rc, 0);
+    assert_true(seen);
+    assert_false(leaked);
+}
+
 int main(void)
 {
+    if (getenv("TEST_PRINT_PASSWORD")) {
+        struct pgserver_options o;
+        pgserver_options_init(&o);
+        printf("%s\n", o.password);
+        return 0;
+    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tcp_login_with_password),
         cmocka_unit_test(test_sql_and_errors),
         cmocka_unit_test(test_count_and_terminate),
         cmocka_unit_test(test_restart_keeps_port),
         cmocka_unit_test(test_password_change),
+        cmocka_unit_test(test_default_password_is_random_per_process),
+        cmocka_unit_test(test_attached_password_not_on_command_line),
         cmocka_unit_test(test_max_connections),
         cmocka_unit_test(test_second_cluster_is_fast_and_separate),
         cmocka_unit_test(test_auth_failures_counted_from_log),
