@@ -15,7 +15,9 @@
  * query), to cut a stream exactly at a message boundary when an
  * ErrorResponse is injected, and to see query text for on-query rules. Small
  * messages are only forwarded once complete, so a cut never has to split
- * one; messages larger than half a buffer stream through as they come.
+ * one; messages larger than half a buffer stream through as they come. When
+ * a side ends in the middle of a message, what arrived of it goes through
+ * and the end follows (see release_partial).
  *
  * Faults are either actions on connections (reset, close, inject) or
  * settings (blackhole, latency, ...). Settings for connections that do not
@@ -1249,6 +1251,22 @@ static void dir_clear_delays(struct dir *x)
     x->last_release = 0;
 }
 
+/* The source of x has ended (EOF or error). A message the splitter holds
+ * incomplete can never complete now, and holding it would also hold the end
+ * of stream behind it for good: the connection would never close and the
+ * server session never end. So what arrived of it goes through, as it
+ * would without the proxy, and the peer sees the truncated message and
+ * then the end, as from the sender itself. */
+static void release_partial(struct dir *x)
+{
+    if (x->pp.mode == PGP_OFF)
+        return;
+    x->boundary = x->rx;
+    x->pp.hlen = 0;
+    x->pp.need = 0;
+    x->pp.big = false;
+}
+
 static bool dir_flushed(const struct dir *x)
 {
     uint64_t end = x->cut < x->rx ? x->cut : x->rx;
@@ -1312,10 +1330,12 @@ static bool pump_dir(struct conn *c, int d, int64_t now)
                 progress = true;
             } else if (r == 0) {
                 x->src_eof = true;
+                release_partial(x);
             } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
                 src->can_read = false;
             } else if (errno != EINTR) {
                 x->src_err = true;
+                release_partial(x);
             }
         }
         size_t n = writable(x, now);

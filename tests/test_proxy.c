@@ -1195,6 +1195,100 @@ static void test_on_query_rules(void **state)
     assert_int_equal(stats(f).query_matches, 3);
 }
 
+/* ---- Ends of stream with part of a message pending ------------------------------------------ */
+
+/* Polls until the proxy's only connection has reached its server. */
+static void wait_upstream_connected(struct fixture *f)
+{
+    double t0 = now_ms();
+    struct fproxy_conn_info ci;
+    while (fproxy_conns(f->p, &ci, 1) != 1 || !ci.upstream_connected) {
+        if (now_ms() - t0 > 5000)
+            fail_msg("the connection did not reach its server within 5 s");
+        usleep(1000);
+    }
+}
+
+/* How many backends with that pid server A has (0 or 1), asked over a
+ * direct connection. */
+static int backend_alive(PGconn *direct, int pid)
+{
+    char sql[128];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_stat_activity WHERE pid = %d", pid);
+    PGresult *r = PQexec(direct, sql);
+    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+    int n = atoi(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return n;
+}
+
+/* Regression (issue 12): a client that closed with part of a message sent
+ * left its connection open for good -- the splitter held the partial
+ * message, so the EOF behind it was never passed on, and the server
+ * session never ended. Now the EOF follows whatever the splitter holds. */
+static void test_eof_with_partial_message_is_passed_on(void **state)
+{
+    struct fixture *f = *state;
+
+    /* Startup phase: one byte of a StartupMessage, then close. */
+    int fd = tcp_connect(fproxy_port(f->p));
+    wait_upstream_connected(f);
+    assert_int_equal(send(fd, "\0", 1, 0), 1);
+    close(fd);
+    wait_active(f, 0);
+
+    /* After ReadyForQuery: the header of a Query cut short, then the
+     * client's FIN. The server backend must go away too. */
+    PGconn *c = connect_via(f, NULL);
+    assert_int_equal(PQstatus(c), CONNECTION_OK);
+    int pid = PQbackendPID(c);
+    char ci[512];
+    assert_int_equal(pgserver_conninfo(srv_a, ci, sizeof ci, NULL), 0);
+    PGconn *direct = PQconnectdb(ci);
+    assert_int_equal(PQstatus(direct), CONNECTION_OK);
+    assert_int_equal(backend_alive(direct, pid), 1);
+    assert_int_equal(send(PQsocket(c), "Q\0\0", 3, MSG_NOSIGNAL), 3);
+    assert_int_equal(shutdown(PQsocket(c), SHUT_WR), 0);
+    wait_active(f, 0);
+    double t0 = now_ms();
+    while (backend_alive(direct, pid) != 0) {
+        if (now_ms() - t0 > 5000)
+            fail_msg("server backend %d still there 5 s after its client left", pid);
+        usleep(10000);
+    }
+    PQfinish(c);
+    PQfinish(direct);
+
+    /* The other way: a server that sends part of a message and closes. The
+     * client gets those bytes, then the EOF. */
+    int lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(listen(lfd, 4), 0);
+    socklen_t sl = sizeof sa;
+    assert_int_equal(getsockname(lfd, (struct sockaddr *)&sa, &sl), 0);
+    ok(f, "retarget 127.0.0.1:%d", ntohs(sa.sin_port));
+    fd = tcp_connect(fproxy_port(f->p));
+    assert_true(wait_readable(lfd, 5000) >= 0);
+    int sfd = accept(lfd, NULL, NULL);
+    assert_true(sfd >= 0);
+    static const char startup[] = "\0\0\0\x11\0\x03\0\0user\0x\0\0";
+    assert_int_equal(send(fd, startup, 17, 0), 17);
+    char buf[64];
+    assert_int_equal(read_n(sfd, buf, 17, 5000, NULL), 17);
+    assert_int_equal(memcmp(buf, startup, 17), 0);
+    assert_int_equal(send(sfd, "R\0\0", 3, 0), 3);
+    close(sfd);
+    close(lfd);
+    assert_int_equal(read_n(fd, buf, 3, 5000, NULL), 3);
+    assert_int_equal(memcmp(buf, "R\0\0", 3), 0);
+    assert_true(wait_readable(fd, 5000) >= 0);
+    assert_int_equal(recv(fd, buf, sizeof buf, 0), 0);
+    close(fd);
+    wait_active(f, 0);
+}
+
 /* ---- Control socket ------------------------------------------------------------------------ */
 
 static int ctl_connect(struct fixture *f)
@@ -1379,6 +1473,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_upstream_refused_counts_failures, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ended_before_ready, setup, teardown),
         cmocka_unit_test_setup_teardown(test_on_query_rules, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_eof_with_partial_message_is_passed_on, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_control_socket_bad_input, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stop_is_idempotent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_thousand_concurrent_connections, setup, teardown),
