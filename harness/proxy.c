@@ -2479,6 +2479,14 @@ static void ctl_accept(struct fproxy *p)
     }
 }
 
+/*
+ * Binds the control socket. Anyone who can connect to it can steer the
+ * proxy (retarget, inject), so it is created mode 0600 whatever the umask:
+ * the mode is set on the socket before bind, which on Linux is the mode the
+ * file is created with (less the umask), and checked (and fixed) before
+ * listen, so nobody can connect while it is wider. The umask itself is not
+ * touched: it is process-wide, and other threads may be creating files.
+ */
 static int open_control(struct fproxy *p, char *err, size_t errlen)
 {
     struct sockaddr_un sa;
@@ -2503,19 +2511,33 @@ static int open_control(struct fproxy *p, char *err, size_t errlen)
         seterr(err, errlen, "socket(AF_UNIX): %s", strerror(errno));
         return -1;
     }
-    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(fd, 64) < 0) {
+    bool bound = false;
+    (void)fchmod(fd, 0600);
+    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
         seterr(err, errlen, "control socket %s: %s", p->control_path, strerror(errno));
-        close(fd);
-        return -1;
+        goto fail;
+    }
+    bound = true;
+    if ((lstat(p->control_path, &stt) < 0 || (stt.st_mode & 0777) != 0600) &&
+        chmod(p->control_path, 0600) < 0) {
+        seterr(err, errlen, "control socket %s: chmod 0600: %s", p->control_path, strerror(errno));
+        goto fail;
+    }
+    if (listen(fd, 64) < 0) {
+        seterr(err, errlen, "control socket %s: listen: %s", p->control_path, strerror(errno));
+        goto fail;
     }
     if (ep_add(p, fd, EPOLLIN | EPOLLET, &p->ctl_listen_ev) < 0) {
         seterr(err, errlen, "epoll_ctl: %s", strerror(errno));
-        close(fd);
-        unlink(p->control_path);
-        return -1;
+        goto fail;
     }
     p->ctlfd = fd;
     return 0;
+fail:
+    close(fd);
+    if (bound)
+        unlink(p->control_path);
+    return -1;
 }
 
 /* ---- The loop ------------------------------------------------------------------------- */

@@ -133,7 +133,7 @@ struct fproxy_config {
     const char *upstream_host; /* host name or address of the server */
     int upstream_port;
     unsigned long seed;       /* jitter seed; 0: a fixed default */
-    const char *control_path; /* Unix socket for control lines; NULL: none */
+    const char *control_path; /* Unix socket for control lines, mode 0600; NULL: none */
     size_t buffer_size;       /* bytes per direction per connection; default 65536 */
 };
 
@@ -143,8 +143,8 @@ void fproxy_config_init(struct fproxy_config *c);
 /*
  * Binds the listening socket (and the control socket if configured),
  * resolves the upstream, and starts the loop thread. The config strings are
- * copied. On failure nothing is left open and err says "what: why".
- * Returns 0, or -1.
+ * copied. The control socket is created mode 0600 whatever the umask. On
+ * failure nothing is left open and err says "what: why". Returns 0, or -1.
  */
 int fproxy_open(const struct fproxy_config *c, struct fproxy **out, char *err,
                 size_t errlen) FPROXY_MUSTCHECK;

@@ -27,6 +27,7 @@
 #include <sys/eventfd.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -1291,13 +1292,18 @@ static void test_eof_with_partial_message_is_passed_on(void **state)
 
 /* ---- Control socket ------------------------------------------------------------------------ */
 
-static int ctl_connect(struct fixture *f)
+static int ctl_connect_path(const char *path)
 {
     int fd = socket(AF_UNIX, SOCK_STREAM, 0);
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    snprintf(sa.sun_path, sizeof sa.sun_path, "%s", f->ctl);
+    snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
     assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof sa), 0);
     return fd;
+}
+
+static int ctl_connect(struct fixture *f)
+{
+    return ctl_connect_path(f->ctl);
 }
 
 /* Reads one answer line. */
@@ -1379,6 +1385,57 @@ static void test_control_socket_bad_input(void **state)
     ctl_line(fd, line, sizeof line);
     assert_string_equal(line, "ok reset 0 connections");
     close(fd);
+}
+
+/* Opens a second proxy in front of server A with its control socket at
+ * path; returns what fproxy_open returned. */
+static int open_second(const char *path, struct fproxy **out, char *err, size_t errlen)
+{
+    struct fproxy_config c;
+    fproxy_config_init(&c);
+    c.upstream_host = pgserver_host(srv_a);
+    c.upstream_port = pgserver_port(srv_a);
+    c.control_path = path;
+    return fproxy_open(&c, out, err, errlen);
+}
+
+/* Sends one command on the control socket at path; returns the answer in
+ * out. */
+static void ctl_ask(const char *path, const char *cmd, char *out, size_t len)
+{
+    int fd = ctl_connect_path(path);
+    assert_int_equal(send(fd, cmd, strlen(cmd), 0), (ssize_t)strlen(cmd));
+    assert_int_equal(send(fd, "\n", 1, 0), 1);
+    ctl_line(fd, out, len);
+    close(fd);
+}
+
+/* Regression (issue 12): the control socket's mode came from the umask,
+ * so under umask 000 any local user could steer a root-run proxy. */
+static void test_control_socket_private_whatever_the_umask(void **state)
+{
+    struct fixture *f = *state;
+    char path[128];
+    snprintf(path, sizeof path, "%s/open", f->dir);
+    mode_t old = umask(0);
+    struct fproxy *p2 = NULL;
+    char err[256];
+    int rc = open_second(path, &p2, err, sizeof err);
+    umask(old);
+    if (rc != 0)
+        fail_msg("fproxy_open: %s", err);
+    struct stat st;
+    int src = lstat(path, &st);
+    char line[256];
+    ctl_ask(path, "stats", line, sizeof line);
+    fproxy_close(p2);
+    assert_int_equal(src, 0);
+    assert_true(S_ISSOCK(st.st_mode));
+    if (st.st_mode & 077)
+        fail_msg("control socket %s had mode %03o under umask 000", path,
+                 (unsigned)(st.st_mode & 0777));
+    assert_non_null(strstr(line, "ok accepted=0"));
+    assert_int_equal(access(path, F_OK), -1);
 }
 
 static void test_stop_is_idempotent(void **state)
@@ -1476,6 +1533,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_eof_with_partial_message_is_passed_on, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_control_socket_bad_input, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_control_socket_private_whatever_the_umask, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_stop_is_idempotent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_thousand_concurrent_connections, setup, teardown),
     };
