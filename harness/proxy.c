@@ -343,6 +343,9 @@ struct fproxy {
     char listen_host[64];
     int port;
     char *control_path;
+    bool ctl_bound; /* the socket file at control_path is ours, ... */
+    dev_t ctl_dev;  /* ... the one with this device and inode */
+    ino_t ctl_ino;
     size_t bufsize;
     uint64_t seed;
     int epfd, wakefd, timerfd;
@@ -2479,13 +2482,47 @@ static void ctl_accept(struct fproxy *p)
     }
 }
 
+/* Removes the control socket file, but only if the path still names the
+ * socket this proxy bound: another proxy may have replaced it since (after
+ * this one was thought dead), and its socket is not ours to remove. */
+static void remove_control(struct fproxy *p)
+{
+    struct stat st;
+    if (!p->ctl_bound)
+        return;
+    p->ctl_bound = false;
+    if (lstat(p->control_path, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_dev == p->ctl_dev &&
+        st.st_ino == p->ctl_ino)
+        unlink(p->control_path);
+}
+
+/* Whether something accepts connections on the Unix socket at sa: 1 yes,
+ * 0 no (a stale file, left by a proxy that died), -1 cannot tell (errno). */
+static int control_live(const struct sockaddr_un *sa)
+{
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    int rc = connect(fd, (const struct sockaddr *)sa, sizeof *sa);
+    int e = errno;
+    close(fd);
+    if (rc == 0 || e == EAGAIN || e == EINPROGRESS)
+        return 1; /* EAGAIN: listening, its backlog full */
+    if (e == ECONNREFUSED || e == ENOENT)
+        return 0;
+    errno = e;
+    return -1;
+}
+
 /*
  * Binds the control socket. Anyone who can connect to it can steer the
  * proxy (retarget, inject), so it is created mode 0600 whatever the umask:
  * the mode is set on the socket before bind, which on Linux is the mode the
  * file is created with (less the umask), and checked (and fixed) before
  * listen, so nobody can connect while it is wider. The umask itself is not
- * touched: it is process-wide, and other threads may be creating files.
+ * touched: it is process-wide, and other threads may be creating files. A
+ * socket another proxy listens on is refused rather than taken over; one
+ * nobody listens on is stale and is replaced.
  */
 static int open_control(struct fproxy *p, char *err, size_t errlen)
 {
@@ -2497,11 +2534,23 @@ static int open_control(struct fproxy *p, char *err, size_t errlen)
         return -1;
     }
     strcpy(sa.sun_path, p->control_path);
-    struct stat stt;
-    /* A socket left by an earlier run is replaced; any other file is not. */
-    if (lstat(p->control_path, &stt) == 0) {
-        if (!S_ISSOCK(stt.st_mode)) {
+    struct stat st;
+    if (lstat(p->control_path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
             seterr(err, errlen, "control socket %s: exists and is not a socket", p->control_path);
+            return -1;
+        }
+        int live = control_live(&sa);
+        if (live == 1) {
+            seterr(err, errlen,
+                   "control socket %s: another proxy is listening there (stop it, or choose "
+                   "another path)",
+                   p->control_path);
+            return -1;
+        }
+        if (live < 0) {
+            seterr(err, errlen, "control socket %s: exists, and connecting to it failed: %s",
+                   p->control_path, strerror(errno));
             return -1;
         }
         unlink(p->control_path);
@@ -2511,15 +2560,19 @@ static int open_control(struct fproxy *p, char *err, size_t errlen)
         seterr(err, errlen, "socket(AF_UNIX): %s", strerror(errno));
         return -1;
     }
-    bool bound = false;
     (void)fchmod(fd, 0600);
     if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
         seterr(err, errlen, "control socket %s: %s", p->control_path, strerror(errno));
         goto fail;
     }
-    bound = true;
-    if ((lstat(p->control_path, &stt) < 0 || (stt.st_mode & 0777) != 0600) &&
-        chmod(p->control_path, 0600) < 0) {
+    if (lstat(p->control_path, &st) < 0 || !S_ISSOCK(st.st_mode)) {
+        seterr(err, errlen, "control socket %s: gone right after bind", p->control_path);
+        goto fail;
+    }
+    p->ctl_bound = true;
+    p->ctl_dev = st.st_dev;
+    p->ctl_ino = st.st_ino;
+    if ((st.st_mode & 0777) != 0600 && chmod(p->control_path, 0600) < 0) {
         seterr(err, errlen, "control socket %s: chmod 0600: %s", p->control_path, strerror(errno));
         goto fail;
     }
@@ -2535,8 +2588,7 @@ static int open_control(struct fproxy *p, char *err, size_t errlen)
     return 0;
 fail:
     close(fd);
-    if (bound)
-        unlink(p->control_path);
+    remove_control(p);
     return -1;
 }
 
@@ -2683,11 +2735,10 @@ static void release_all(struct fproxy *p)
         close(p->listenfd);
     p->listenfd = -1;
     p->st.listening = 0;
-    if (p->ctlfd >= 0) {
+    if (p->ctlfd >= 0)
         close(p->ctlfd);
-        unlink(p->control_path);
-    }
     p->ctlfd = -1;
+    remove_control(p);
     if (p->epfd >= 0)
         close(p->epfd);
     if (p->wakefd >= 0)

@@ -143,8 +143,12 @@ void fproxy_config_init(struct fproxy_config *c);
 /*
  * Binds the listening socket (and the control socket if configured),
  * resolves the upstream, and starts the loop thread. The config strings are
- * copied. The control socket is created mode 0600 whatever the umask. On
- * failure nothing is left open and err says "what: why". Returns 0, or -1.
+ * copied. The control socket is created mode 0600 whatever the umask. If
+ * its path names a socket another proxy (any process) listens on, opening
+ * fails ("control socket PATH: another proxy is listening there ..."); a
+ * socket file nobody listens on (left by a proxy that died) is replaced;
+ * any other file is an error. On failure nothing is left open and err says
+ * "what: why". Returns 0, or -1.
  */
 int fproxy_open(const struct fproxy_config *c, struct fproxy **out, char *err,
                 size_t errlen) FPROXY_MUSTCHECK;
@@ -221,8 +225,9 @@ struct fproxy_conn_info {
  * many are open (may exceed max), or -1 if the proxy was stopped. */
 int fproxy_conns(struct fproxy *p, struct fproxy_conn_info *out, int max);
 
-/* Stops the loop thread and closes every socket (and removes the control
- * socket). Idempotent; afterwards commands answer an error. */
+/* Stops the loop thread and closes every socket, and removes the control
+ * socket file if the path still names the socket this proxy bound (never
+ * one that replaced it). Idempotent; afterwards commands answer an error. */
 void fproxy_stop(struct fproxy *p);
 
 /* fproxy_stop, then frees p. NULL is a no-op. */

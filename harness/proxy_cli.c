@@ -31,7 +31,8 @@ static void usage(FILE *out)
             "\n"
             "  --listen ADDR:PORT     where clients connect (PORT 0: a free port, printed)\n"
             "  --upstream HOST:PORT   the server\n"
-            "  --control PATH         control socket (created mode 0600; removed on exit)\n"
+            "  --control PATH         control socket (created mode 0600, refused if another\n"
+            "                         proxy listens there; removed on exit)\n"
             "  --seed N               seed for latency jitter (default 0: a fixed seed)\n");
 }
 

@@ -1410,6 +1410,16 @@ static void ctl_ask(const char *path, const char *cmd, char *out, size_t len)
     close(fd);
 }
 
+/* A Unix stream socket bound to path (not listening). */
+static int bind_unix(const char *path)
+{
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+    return fd;
+}
+
 /* Regression (issue 12): the control socket's mode came from the umask,
  * so under umask 000 any local user could steer a root-run proxy. */
 static void test_control_socket_private_whatever_the_umask(void **state)
@@ -1436,6 +1446,57 @@ static void test_control_socket_private_whatever_the_umask(void **state)
                  (unsigned)(st.st_mode & 0777));
     assert_non_null(strstr(line, "ok accepted=0"));
     assert_int_equal(access(path, F_OK), -1);
+}
+
+/* Regression (issue 12): a second proxy with the same control path took
+ * over the first one's socket, and whichever stopped first removed the
+ * other's. A live socket is refused, a stale one replaced, and a proxy
+ * removes only the socket it bound. */
+static void test_control_socket_is_not_taken_over(void **state)
+{
+    struct fixture *f = *state;
+    /* Something only the first proxy would answer. */
+    ok(f, "refuse on");
+    struct fproxy *p2 = NULL;
+    char err[512], line[512];
+    if (open_second(f->ctl, &p2, err, sizeof err) == 0) {
+        fproxy_close(p2);
+        fail_msg("a second proxy opened on the live control socket %s", f->ctl);
+    }
+    printf("second proxy: %s\n", err);
+    assert_non_null(strstr(err, f->ctl));
+    assert_non_null(strstr(err, "another proxy is listening there"));
+    ctl_ask(f->ctl, "stats", line, sizeof line);
+    assert_non_null(strstr(line, " listening=0"));
+    ok(f, "refuse off");
+
+    /* A socket file nobody listens on (its proxy died) is replaced. */
+    char stale[128];
+    snprintf(stale, sizeof stale, "%s/stale", f->dir);
+    close(bind_unix(stale));
+    if (open_second(stale, &p2, err, sizeof err) != 0)
+        fail_msg("a stale control socket was not replaced: %s", err);
+    ctl_ask(stale, "stats", line, sizeof line);
+    assert_non_null(strstr(line, "ok accepted=0"));
+    fproxy_close(p2);
+    assert_int_equal(access(stale, F_OK), -1);
+
+    /* Someone else's socket now at the path is left alone on stop. */
+    char repl[128];
+    snprintf(repl, sizeof repl, "%s/replaced", f->dir);
+    if (open_second(repl, &p2, err, sizeof err) != 0)
+        fail_msg("fproxy_open: %s", err);
+    assert_int_equal(unlink(repl), 0);
+    int sfd = bind_unix(repl);
+    assert_int_equal(listen(sfd, 1), 0);
+    struct stat theirs, after;
+    assert_int_equal(lstat(repl, &theirs), 0);
+    fproxy_close(p2);
+    if (lstat(repl, &after) != 0)
+        fail_msg("stopping the proxy removed someone else's socket at %s", repl);
+    assert_true(after.st_ino == theirs.st_ino && after.st_dev == theirs.st_dev);
+    close(sfd);
+    assert_int_equal(unlink(repl), 0);
 }
 
 static void test_stop_is_idempotent(void **state)
@@ -1535,6 +1596,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_control_socket_bad_input, setup, teardown),
         cmocka_unit_test_setup_teardown(test_control_socket_private_whatever_the_umask, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_control_socket_is_not_taken_over, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stop_is_idempotent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_thousand_concurrent_connections, setup, teardown),
     };
