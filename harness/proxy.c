@@ -59,6 +59,8 @@
 #define MAX_STARTUP_LEN 10000
 #define MAX_ONQUERY 16
 #define CTL_LINE_MAX 4096
+/* A control client's answer buffer larger than this is freed once sent. */
+#define CTL_KEEP 65536
 
 /* Startup-packet codes (protocol 3.0). */
 #define CODE_SSL 80877103u
@@ -316,6 +318,8 @@ struct ctl {
     struct ev ev;
     struct fproxy *p;
     int fd;
+    char rbuf[4096]; /* read, not yet parsed: rbuf[rpos..rlen) */
+    size_t rpos, rlen;
     char in[CTL_LINE_MAX];
     size_t inlen;
     bool discarding; /* an over-long line is being skipped */
@@ -2201,16 +2205,21 @@ static void conn_info(const struct conn *c, int64_t now, struct fproxy_conn_info
     snprintf(ci->user, sizeof ci->user, "%s", c->user);
 }
 
+static void ctl_stats(struct fproxy *p);
+
 static void stats_line(struct fproxy *p, struct sbuf *out)
 {
+    ctl_stats(p);
     const struct fproxy_stats *s = &p->st;
     sb_printf(out,
               "ok accepted=%llu refused=%llu upstream_connects=%llu upstream_failures=%llu "
               "ended_before_ready=%llu active=%llu bytes_up=%llu bytes_down=%llu resets=%llu "
-              "closes=%llu injected=%llu query_matches=%llu listening=%d",
+              "closes=%llu injected=%llu query_matches=%llu control_buffered=%llu "
+              "control_buffered_max=%llu listening=%d",
               s->accepted, s->refused, s->upstream_connects, s->upstream_failures,
               s->ended_before_ready, s->active, s->bytes_up, s->bytes_down, s->resets, s->closes,
-              s->injected, s->query_matches, s->listening);
+              s->injected, s->query_matches, s->control_buffered, s->control_buffered_max,
+              s->listening);
 }
 
 static void conns_line(struct fproxy *p, struct sbuf *out)
@@ -2377,7 +2386,29 @@ static void ctl_free(struct fproxy *p, struct ctl *k)
     free(k);
 }
 
-static void ctl_flush(struct fproxy *p, struct ctl *k)
+/* Bytes of answers held for k, not yet taken by the client. */
+static size_t ctl_pending(const struct ctl *k)
+{
+    return k->out.len - k->outoff;
+}
+
+static void ctl_note_pending(struct fproxy *p, const struct ctl *k)
+{
+    if (ctl_pending(k) > p->st.control_buffered_max)
+        p->st.control_buffered_max = ctl_pending(k);
+}
+
+/* Brings the counters that are sums over the control clients up to date. */
+static void ctl_stats(struct fproxy *p)
+{
+    p->st.control_buffered = 0;
+    for (struct ctl *k = p->ctls; k; k = k->next)
+        p->st.control_buffered += ctl_pending(k);
+}
+
+/* Sends what is held for k. Returns false if k is gone: the client went
+ * away, or it closed its side and has every answer. */
+static bool ctl_flush(struct fproxy *p, struct ctl *k)
 {
     while (k->outoff < k->out.len) {
         ssize_t w =
@@ -2387,16 +2418,34 @@ static void ctl_flush(struct fproxy *p, struct ctl *k)
         } else if (w < 0 && errno == EINTR) {
             continue;
         } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            return;
+            break;
         } else {
             ctl_free(p, k);
-            return;
+            return false;
         }
+    }
+    if (k->outoff < k->out.len) {
+        /* What was sent is dropped from the front, so the buffer stays
+         * the size of what is held rather than of all answers ever. */
+        if (k->outoff > 0) {
+            memmove(k->out.s, k->out.s + k->outoff, k->out.len - k->outoff + 1);
+            k->out.len -= k->outoff;
+            k->outoff = 0;
+        }
+        return true;
     }
     k->outoff = 0;
     sb_reset(&k->out);
-    if (k->eof)
+    if (k->out.cap > CTL_KEEP) {
+        /* A burst of answers is over: its buffer goes back. */
+        free(k->out.s);
+        memset(&k->out, 0, sizeof k->out);
+    }
+    if (k->eof && k->rpos == k->rlen) {
         ctl_free(p, k);
+        return false;
+    }
+    return true;
 }
 
 static void ctl_line(struct fproxy *p, struct ctl *k, char *line)
@@ -2416,42 +2465,66 @@ static void ctl_line(struct fproxy *p, struct ctl *k, char *line)
     else
         sb_printf(&k->out, "%s\n", r.s);
     free(r.s);
+    ctl_note_pending(p, k);
 }
 
+/* One byte of a client's input: lines are executed as they complete. */
+static void ctl_byte(struct fproxy *p, struct ctl *k, char ch)
+{
+    if (ch == '\n') {
+        if (k->discarding) {
+            sb_printf(&k->out, "error: line too long (at most %d bytes)\n", CTL_LINE_MAX - 1);
+            ctl_note_pending(p, k);
+            k->discarding = false;
+        } else {
+            k->in[k->inlen] = '\0';
+            ctl_line(p, k, k->in);
+        }
+        k->inlen = 0;
+    } else if (!k->discarding) {
+        if (k->inlen + 1 >= sizeof k->in)
+            k->discarding = true;
+        else
+            k->in[k->inlen++] = ch;
+    }
+}
+
+/*
+ * Serves a control client: runs the commands it sent and sends the
+ * answers. While FPROXY_CONTROL_BUFFER bytes or more of answers wait for
+ * it, its input is neither parsed nor read (back-pressure: its commands
+ * wait in rbuf and in the kernel), so a client that does not read cannot
+ * grow the proxy; sending resumes it on the next EPOLLOUT.
+ */
 static void ctl_event(struct fproxy *p, struct ctl *k)
 {
     for (;;) {
-        char tmp[4096];
-        ssize_t r = recv(k->fd, tmp, sizeof tmp, MSG_DONTWAIT);
+        while (k->rpos < k->rlen && ctl_pending(k) < FPROXY_CONTROL_BUFFER)
+            ctl_byte(p, k, k->rbuf[k->rpos++]);
+        size_t before = ctl_pending(k);
+        if (!ctl_flush(p, k))
+            return;
+        if (ctl_pending(k) >= FPROXY_CONTROL_BUFFER) {
+            if (ctl_pending(k) < before)
+                continue; /* the client took some: room for more answers */
+            return;       /* until the client reads */
+        }
+        if (k->rpos < k->rlen)
+            continue;
+        if (k->eof)
+            return; /* answers still going out; freed once sent */
+        ssize_t r = recv(k->fd, k->rbuf, sizeof k->rbuf, MSG_DONTWAIT);
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            break;
+            return;
         if (r <= 0) {
             k->eof = true;
-            break;
+            continue;
         }
-        for (ssize_t i = 0; i < r; i++) {
-            char ch = tmp[i];
-            if (ch == '\n') {
-                if (k->discarding) {
-                    sb_printf(&k->out, "error: line too long (at most %d bytes)\n",
-                              CTL_LINE_MAX - 1);
-                    k->discarding = false;
-                } else {
-                    k->in[k->inlen] = '\0';
-                    ctl_line(p, k, k->in);
-                }
-                k->inlen = 0;
-            } else if (!k->discarding) {
-                if (k->inlen + 1 >= sizeof k->in)
-                    k->discarding = true;
-                else
-                    k->in[k->inlen++] = ch;
-            }
-        }
+        k->rpos = 0;
+        k->rlen = (size_t)r;
     }
-    ctl_flush(p, k);
 }
 
 static void ctl_accept(struct fproxy *p)
@@ -2601,6 +2674,7 @@ static void serve_request(struct fproxy *p, struct req *r)
         r->rc = exec_line(p, r->line, &r->reply);
         break;
     case REQ_STATS:
+        ctl_stats(p);
         *r->stats = p->st;
         r->rc = 0;
         break;
@@ -2726,6 +2800,7 @@ static void release_all(struct fproxy *p)
     }
     while (p->ctls)
         ctl_free(p, p->ctls);
+    p->st.control_buffered = 0;
     while (p->rules) {
         struct rule *r = p->rules;
         p->rules = r->next;

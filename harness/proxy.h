@@ -102,6 +102,15 @@
  * Values with spaces are double-quoted ("a \"b\""). A command the proxy
  * cannot parse or apply answers "error: ..." and changes nothing.
  *
+ * Control socket: each client's commands are answered in order. Answers
+ * the client has not read yet are held for it up to FPROXY_CONTROL_BUFFER
+ * bytes; past that the proxy reads no more commands from that client until
+ * it has read enough of them (back-pressure: nothing is dropped, and a
+ * client that pipelines faster than it reads is slowed, not cut off). One
+ * answer may take the held bytes past the bound by its own length. Other
+ * clients and the proxied connections are served meanwhile. What was held
+ * for a client is freed when it goes.
+ *
  * Randomness: latency jitter is the only random choice. It comes from a
  * xorshift generator seeded from (seed, connection id, direction), so the
  * same seed gives the same delays on the same connection; seed 0 uses a
@@ -124,6 +133,10 @@
 #include <stdint.h>
 
 #define FPROXY_MUSTCHECK __attribute__((warn_unused_result))
+
+/* Bytes of unread answers the control socket holds for one client before
+ * it stops reading that client's commands (see "Control socket" above). */
+#define FPROXY_CONTROL_BUFFER (1024 * 1024)
 
 struct fproxy;
 
@@ -187,6 +200,12 @@ struct fproxy_stats {
     unsigned long long injected;           /* ErrorResponses injected */
     unsigned long long query_matches;      /* on-query matches */
     int listening;                         /* 0 while refusing */
+
+    /* The control socket: bytes of answers it holds now for its clients to
+     * read (all together), and the most it ever held for one client, which
+     * FPROXY_CONTROL_BUFFER bounds (plus one answer). */
+    unsigned long long control_buffered;
+    unsigned long long control_buffered_max;
 };
 
 /* Copies a consistent snapshot of the counters. Returns 0, or -1 if the

@@ -17,6 +17,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
@@ -1499,6 +1500,115 @@ static void test_control_socket_is_not_taken_over(void **state)
     assert_int_equal(unlink(repl), 0);
 }
 
+/* Sends "help" lines on a non-blocking control connection without reading
+ * the answers, until lines have gone or the proxy has stopped taking them
+ * for 500 ms; returns how many lines went. */
+static size_t flood_help(int fd, size_t lines)
+{
+    static const char chunk[] = "help\nhelp\nhelp\nhelp\nhelp\nhelp\nhelp\nhelp\n";
+    const size_t per = 5, clen = sizeof chunk - 1;
+    size_t total = lines * per, sent = 0;
+    double t0 = now_ms();
+    while (sent < total && now_ms() - t0 < 20000) {
+        size_t off = sent % clen, n = clen - off;
+        if (n > total - sent)
+            n = total - sent;
+        ssize_t w = send(fd, chunk + off, n, MSG_NOSIGNAL);
+        if (w > 0) {
+            sent += (size_t)w;
+            continue;
+        }
+        assert_true(w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR));
+        struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+        if (poll(&pfd, 1, 500) == 0)
+            break;
+    }
+    return sent / per;
+}
+
+/* Polls until the control socket holds at least n bytes for its clients. */
+static void wait_control_buffered(struct fixture *f, unsigned long long n)
+{
+    double t0 = now_ms();
+    while (stats(f).control_buffered < n) {
+        if (now_ms() - t0 > 10000)
+            fail_msg("control_buffered stayed %llu, expected >= %llu", stats(f).control_buffered,
+                     n);
+        usleep(1000);
+    }
+}
+
+/* Regression (issue 12): a control client that never read its answers
+ * grew the proxy without bound (1,000,000 help lines: 290 MB). Its
+ * answers are now held up to FPROXY_CONTROL_BUFFER, then the proxy stops
+ * reading its commands until it reads (back-pressure, nothing lost); the
+ * proxy serves everyone else meanwhile and frees what it held when the
+ * client goes. */
+static void test_control_client_that_never_reads_is_bounded(void **state)
+{
+    struct fixture *f = *state;
+    char help[512];
+    ctl_ask(f->ctl, "help", help, sizeof help);
+    const size_t answer = strlen(help) + 1;
+
+    int fd = ctl_connect(f);
+    assert_int_equal(fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK), 0);
+    size_t lines = flood_help(fd, 200000);
+    wait_control_buffered(f, FPROXY_CONTROL_BUFFER);
+    struct fproxy_stats s = stats(f);
+    printf("a control client that never reads: %zu help lines sent, %llu bytes held, at most "
+           "%llu (bound %d)\n",
+           lines, s.control_buffered, s.control_buffered_max, FPROXY_CONTROL_BUFFER);
+    if (s.control_buffered_max > FPROXY_CONTROL_BUFFER + answer)
+        fail_msg("the proxy held %llu bytes of answers for one client (bound %d + one answer)",
+                 s.control_buffered_max, FPROXY_CONTROL_BUFFER);
+
+    /* Meanwhile another control client is answered and traffic flows. */
+    char line[512];
+    ctl_ask(f->ctl, "stats", line, sizeof line);
+    assert_non_null(strstr(line, "ok accepted=0"));
+    PGconn *c = connect_via(f, NULL);
+    assert_int_equal(PQstatus(c), CONNECTION_OK);
+    PGresult *r = PQexec(c, "SELECT 1");
+    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+    PQclear(r);
+    PQfinish(c);
+
+    /* Back-pressure loses nothing: reading, the client gets every answer. */
+    size_t got = 0, partial = 0;
+    static char buf[65536];
+    double t0 = now_ms();
+    while (got < lines) {
+        if (now_ms() - t0 > 30000)
+            fail_msg("%zu of %zu answers read in 30 s", got, lines);
+        if (wait_readable(fd, 1000) < 0)
+            continue;
+        ssize_t n = recv(fd, buf, sizeof buf, 0);
+        assert_true(n > 0);
+        for (ssize_t i = 0; i < n; i++, partial++) {
+            if (buf[i] == '\n') {
+                assert_int_equal(partial + 1, answer);
+                partial = (size_t)-1;
+                got++;
+            }
+        }
+    }
+    assert_int_equal(stats(f).control_buffered, 0);
+
+    /* A client that leaves with answers held: they are freed. */
+    lines = flood_help(fd, 200000);
+    wait_control_buffered(f, FPROXY_CONTROL_BUFFER);
+    close(fd);
+    t0 = now_ms();
+    while (stats(f).control_buffered != 0) {
+        if (now_ms() - t0 > 5000)
+            fail_msg("%llu bytes still held 5 s after the control client left",
+                     stats(f).control_buffered);
+        usleep(1000);
+    }
+    assert_true(stats(f).control_buffered_max <= FPROXY_CONTROL_BUFFER + answer);
+}
+
 static void test_stop_is_idempotent(void **state)
 {
     struct fixture *f = *state;
@@ -1597,6 +1707,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_control_socket_private_whatever_the_umask, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_control_socket_is_not_taken_over, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_control_client_that_never_reads_is_bounded, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_stop_is_idempotent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_thousand_concurrent_connections, setup, teardown),
     };
