@@ -60,7 +60,8 @@ static void usage_run(FILE *out)
             "      --seed S          seed for randomized faults (default: 1)\n"
             "      --junit FILE      JUnit XML path (default: REPORTS/junit.xml)\n"
             "      --reports DIR     reports directory (default: reports)\n"
-            "      --tap             TAP 14 on stdout (and REPORTS/results.tap)\n"
+            "      --tap             TAP on stdout (and REPORTS/results.tap)\n"
+            "      --tap-version 13|14  TAP version to write (default: 13, which prove reads)\n"
             "      --timeout SECONDS watchdog per case (default: 60)\n"
             "      --server CONNINFO use an existing server for the proxy backend\n"
             "                        (default: $PGFAULT_SERVER, else a throwaway one)\n"
@@ -138,6 +139,7 @@ static int cmd_run_or_list(int argc, char **argv, int list)
         {"verbose", no_argument, NULL, 'v'},
         {"driver-setting", required_argument, NULL, 9},
         {"expect-failures", required_argument, NULL, 10},
+        {"tap-version", required_argument, NULL, 11},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -213,6 +215,13 @@ static int cmd_run_or_list(int argc, char **argv, int list)
                 return 2;
             }
             o.driver = optarg;
+            break;
+        case 11:
+            if (strcmp(optarg, "13") != 0 && strcmp(optarg, "14") != 0) {
+                fprintf(stderr, "pgfault %s: --tap-version: '%s' is not 13 or 14\n", cmd, optarg);
+                return 2;
+            }
+            o.tap_version = atoi(optarg);
             break;
         case 10:
             o.expect_failures = optarg;

@@ -1133,9 +1133,9 @@ void pgserver_destroy(struct pgserver *s)
 
 int pgserver_set_base_dir(const char *dir, char *err, size_t errlen)
 {
-    /* Room for "/pgfault-server-XXXXXX/.s.PGSQL.NNNNN": a Unix socket
-     * path must fit in sun_path (108 bytes). */
-    if (strlen(dir) > 60)
+    /* Room for "/pgfault-server-XXXXXX/.s.PGSQL.NNNNN" (37 bytes) and the
+     * NUL: a Unix socket path must fit in sun_path (108 bytes). */
+    if (strlen(dir) > 70)
         return fail(err, errlen, "temp dir path too long for a server's socket: %s", dir);
     snprintf(base_dir, sizeof base_dir, "%s", dir);
     return 0;
@@ -1160,4 +1160,15 @@ int pgserver_reap_dir(const char *dir)
     if (d)
         closedir(d);
     return rm_rf_wait(dir);
+}
+
+void pgserver_release_template(void)
+{
+    pthread_mutex_lock(&template_mu);
+    if (template_dir[0]) {
+        rm_rf_wait(template_dir);
+        stop_reaper(&template_reaper);
+        template_dir[0] = '\0';
+    }
+    pthread_mutex_unlock(&template_mu);
 }

@@ -49,13 +49,18 @@ void pgserver_options_init(struct pgserver_options *o);
 /* Makes this process's temp dirs (the template's and every cluster's)
  * under dir instead of $TMPDIR (or /tmp). dir must exist and be
  * traversable by the postgres user when running as root; its path must be
- * short enough for the servers' Unix sockets (60 characters). */
+ * short enough for the servers' Unix sockets (70 characters). */
 int pgserver_set_base_dir(const char *dir, char *err, size_t errlen) PGSERVER_MUSTCHECK;
 
 /* A command pgserver runs (initdb, cp, pg_ctl, psql) is killed, and the
  * call fails with "interrupted", once *flag is non-zero (a signal handler
  * sets it). NULL: never. */
 void pgserver_set_interrupt(volatile sig_atomic_t *flag);
+
+/* Removes this process's template data dir (the next cluster makes a new
+ * one). For a process that is done with its throwaway servers, before it
+ * removes the base dir the template lives in. */
+void pgserver_release_template(void);
 
 /* Stops (immediate) every postmaster whose cluster dir is directly under
  * dir -- a template's or cluster's pgfault-* dir, found through its

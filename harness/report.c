@@ -1,5 +1,5 @@
 /*
- * report: JUnit XML, TAP 14 and Markdown summaries of a run.
+ * report: JUnit XML, TAP and Markdown summaries of a run.
  *
  * The formats are written by hand rather than through a library: each is a
  * few lines of text, and the only subtle part, escaping, is kept in one
@@ -196,11 +196,12 @@ void report_tap_case(FILE *out, const struct runner_case *c, size_t number)
     fprintf(out, "\n  line: %d\n  duration_ms: %.1f\n  ...\n", c->line, c->duration_ms);
 }
 
-void report_tap(FILE *out, const struct runner_case *cases, size_t n)
+void report_tap(FILE *out, const struct runner_case *cases, size_t n, const size_t *order,
+                int version)
 {
-    fprintf(out, "TAP version 14\n1..%zu\n", n);
+    fprintf(out, "TAP version %d\n1..%zu\n", version, n);
     for (size_t i = 0; i < n; i++)
-        report_tap_case(out, &cases[i], i + 1);
+        report_tap_case(out, &cases[order ? order[i] : i], i + 1);
 }
 
 void report_md_cell(FILE *out, const char *s, size_t max)

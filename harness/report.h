@@ -1,7 +1,7 @@
 /*
  * report: writes a run's verdicts in the formats CI systems and people
  * read (report_*): JUnit XML (GitLab, Jenkins and the GitHub report
- * actions read it), TAP 14, and a Markdown summary.
+ * actions read it), TAP (13 or 14), and a Markdown summary.
  *
  * Each writer takes the cases in the order the runner ran them and returns
  * 0, or -1 with "what: why" in err (the file could not be written).
@@ -22,9 +22,13 @@
 int report_junit(const char *path, const struct runner_case *cases, size_t n, double total_ms,
                  char *err, size_t errlen) REPORT_MUSTCHECK;
 
-/* TAP version 14 to out: a plan, one test point per case, YAML diagnostics
- * (message, line, duration) for failures. */
-void report_tap(FILE *out, const struct runner_case *cases, size_t n);
+/* TAP to out: a version line (13, which Debian's prove 3.44 accepts, or
+ * 14), a plan, one test point per case, YAML diagnostics (message, line,
+ * duration) for failures. Test point i is cases[order[i]] (order NULL: the
+ * cases' own order): the runner passes the order cases finished in, which
+ * is how its live stream numbers them. */
+void report_tap(FILE *out, const struct runner_case *cases, size_t n, const size_t *order,
+                int version);
 
 /* One test point (and its diagnostics) of report_tap, numbered number: for
  * the runner's live TAP stream, so both say the same. N/A is `# SKIP`, an

@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -28,7 +29,9 @@
 #include "pgserver.h"
 #include "baseline.h"
 #include "report.h"
+#include "rundir.h"
 #include "steps.h"
+#include "testhook.h"
 
 struct plan {
     struct scn **scns;
@@ -56,7 +59,8 @@ static void child_exit(int code)
     _exit(code);
 }
 
-/* The children in flight, for the signal handler. */
+/* The children in flight, for the signal handler; the signal that stops
+ * the run. */
 static volatile sig_atomic_t stop_requested;
 static pid_t live_pids[64];
 
@@ -221,7 +225,8 @@ static double case_budget_ms(const struct scn *s, const struct runner_options *o
 
 static void on_signal(int sig)
 {
-    stop_requested = sig;
+    if (!stop_requested)
+        stop_requested = sig;
     for (size_t i = 0; i < sizeof live_pids / sizeof live_pids[0]; i++)
         if (live_pids[i] > 0) {
             /* The case's whole process group: its driver process too. */
@@ -326,7 +331,8 @@ static int probe_driver(const struct runner_options *o, struct run_driver *rd)
 
 static void child_main(const struct runner_options *o, const struct run_driver *rd,
                        const struct scn *s, enum scn_backend be, const char *trace_path,
-                       const char *timeline_path, const char *result_path, int live)
+                       const char *timeline_path, const char *result_path, int live,
+                       pid_t runner_pid)
 {
     /* Its own process group, so the runner kills a driver process (and
      * whatever that starts) together with the case. Throwaway servers
@@ -334,6 +340,12 @@ static void child_main(const struct runner_options *o, const struct run_driver *
     setpgid(0, 0);
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
+    signal(SIGHUP, SIG_DFL);
+    /* A runner killed outright (SIGKILL) cannot kill its cases: each dies
+     * with it instead, and its servers' reapers and the driver's own
+     * parent-death signal take the rest. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != runner_pid)
+        child_exit(3);
     /* A pool must survive writes to dead sockets on its own (libpq uses
      * MSG_NOSIGNAL); the runner does not mask SIGPIPE for it. */
     FILE *tf = fopen(trace_path, "we");
@@ -503,22 +515,67 @@ static double now_ms(void)
     return steps_now_ms();
 }
 
+/* Removes the files a previous run wrote into the reports dir (only those
+ * names: the dir may be shared). */
+static void remove_old_reports(const struct runner_options *o)
+{
+    static const char *const names[] = {"junit.xml", "summary.md", "index.html", "cases.tsv",
+                                        "results.tap"};
+    char path[1200];
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        snprintf(path, sizeof path, "%s/%s", o->reports_dir, names[i]);
+        unlink(path);
+    }
+    if (o->junit_path)
+        unlink(o->junit_path);
+    snprintf(path, sizeof path, "%s/traces", o->reports_dir);
+    DIR *d = opendir(path);
+    struct dirent *e;
+    while (d && (e = readdir(d)) != NULL) {
+        size_t l = strlen(e->d_name);
+        if (l > 4 && strcmp(e->d_name + l - 4, ".txt") == 0) {
+            char f[1500];
+            snprintf(f, sizeof f, "%s/%s", path, e->d_name);
+            unlink(f);
+        }
+    }
+    if (d)
+        closedir(d);
+}
+
 int runner_run(const struct runner_options *o)
 {
     struct plan p = {0};
     struct runner_case *cases = NULL;
     struct job *jobs = NULL;
-    size_t ncases = 0;
+    size_t ncases = 0, *order = NULL;
     int exit_code = 2;
-    char tmpdir[] = "/tmp/pgfault-run-XXXXXX";
+    struct rundir run_dir = {"", -1};
+    const char *tmpdir = run_dir.path;
     struct baseline *bl = NULL;
     struct run_driver *rd = NULL;
-    int have_tmp = 0;
     const char *dname = o->driver ? o->driver : "pqpool", *command = NULL;
+    /* Signals are caught from the start: one that arrives while the
+     * template is prepared or a case's server is copied must still find
+     * everything cleaned up (a command pgserver runs is stopped through
+     * the interrupt flag). */
+    stop_requested = 0;
+    memset((void *)live_pids, 0, sizeof live_pids);
+    struct sigaction sa = {0}, old_int, old_term, old_hup;
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+    sigaction(SIGHUP, &sa, &old_hup);
+    pgserver_set_interrupt(&stop_requested);
+    /* A report must describe the run that wrote it: the previous run's go
+     * first, so a run that is interrupted, or cannot start, does not leave
+     * them next to its own traces. */
+    remove_old_reports(o);
     const struct driver_ops *drv = driver_find(dname, &command);
     if (!drv) {
         fprintf(stderr, "pgfault: unknown driver '%s'\n", dname);
-        return 2;
+        goto out;
     }
     if (o->expect_failures) {
         char e[800];
@@ -532,7 +589,7 @@ int runner_run(const struct runner_options *o)
         goto out;
     rd->ops = drv;
     rd->command = command;
-    if (load(o, &p) < 0 || probe_driver(o, rd) < 0)
+    if (load(o, &p) < 0 || probe_driver(o, rd) < 0 || stop_requested)
         goto out;
 
     /* Expand scenarios into cases, then filter and shard. */
@@ -566,44 +623,44 @@ int runner_run(const struct runner_options *o)
     }
     /* The scenario of each case, looked up once. */
     const struct scn **case_scn = calloc(ncases, sizeof *case_scn);
-    if (!case_scn)
+    order = calloc(ncases, sizeof *order); /* cases in the order they finished */
+    if (!case_scn || !order) {
+        free(case_scn);
         goto out;
+    }
     for (size_t i = 0; i < ncases; i++)
         for (size_t k = 0; k < p.nscns; k++)
             if (strcmp(p.scns[k]->path, cases[i].path) == 0)
                 case_scn[i] = p.scns[k];
 
+    /* Everything temporary (the template, the cases' servers and files)
+     * lives in the run dir; making it also removes what killed runs
+     * left. */
+    char rerr[1024];
+    if (rundir_create(&run_dir, rerr, sizeof rerr) < 0) {
+        fprintf(stderr, "pgfault: %s\n", rerr);
+        free(case_scn);
+        goto out;
+    }
+    if (mkdir_p(o->reports_dir) < 0) {
+        fprintf(stderr, "pgfault: cannot create %s: %s\n", o->reports_dir, strerror(errno));
+        free(case_scn);
+        goto out;
+    }
     /* Proxy cases each start a throwaway server: build the template data
      * dir once here, so the forked children copy it instead of each
      * running initdb. */
-    for (size_t i = 0; i < ncases; i++) {
+    for (size_t i = 0; i < ncases && !stop_requested; i++) {
         if (cases[i].backend != SCN_BACKEND_PROXY || o->server_conninfo)
             continue;
         char err[1024];
-        if (pgserver_prepare(err, sizeof err) < 0) {
+        if (pgserver_prepare(err, sizeof err) < 0 && !stop_requested) {
             fprintf(stderr, "pgfault: preparing throwaway servers: %s\n", err);
             free(case_scn);
             goto out;
         }
         break;
     }
-    if (!mkdtemp(tmpdir)) {
-        fprintf(stderr, "pgfault: mkdtemp %s: %s\n", tmpdir, strerror(errno));
-        free(case_scn);
-        goto out;
-    }
-    have_tmp = 1;
-    if (mkdir_p(o->reports_dir) < 0) {
-        fprintf(stderr, "pgfault: cannot create %s: %s\n", o->reports_dir, strerror(errno));
-        free(case_scn);
-        goto out;
-    }
-
-    struct sigaction sa = {0};
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
 
     int njobs = o->jobs < 1 ? 1 : o->jobs > 64 ? 64 : o->jobs;
     if (ncases > 0 && (size_t)njobs > ncases)
@@ -614,7 +671,7 @@ int runner_run(const struct runner_options *o)
         goto out;
     }
     if (o->tap)
-        printf("TAP version 14\n1..%zu\n", ncases);
+        printf("TAP version %d\n1..%zu\n", o->tap_version ? o->tap_version : 13, ncases);
     double t_start = now_ms();
     size_t next = 0, done = 0;
     int live = o->verbose && njobs == 1 && !o->tap;
@@ -639,7 +696,7 @@ int runner_run(const struct runner_options *o)
                 break;
             }
             if (pid == 0)
-                child_main(o, rd, case_scn[next], cases[next].backend, tp, lp, rp, live);
+                child_main(o, rd, case_scn[next], cases[next].backend, tp, lp, rp, live, getppid());
             setpgid(pid, pid); /* also here: no window where a kill misses the group */
             jobs[j] = (struct job){pid, next, now_ms(), case_budget_ms(case_scn[next], o),
                                    case_scn[next]};
@@ -684,7 +741,7 @@ int runner_run(const struct runner_options *o)
             }
             jobs[j].pid = 0;
             live_pids[j] = 0;
-            done++;
+            order[done++] = jobs[j].index;
         }
         if (!any) {
             struct timespec ts = {0, 5 * 1000 * 1000};
@@ -738,7 +795,7 @@ int runner_run(const struct runner_options *o)
         snprintf(tap, sizeof tap, "%s/results.tap", o->reports_dir);
         FILE *tf = fopen(tap, "w");
         if (tf) {
-            report_tap(tf, cases, ncases);
+            report_tap(tf, cases, ncases, order, o->tap_version ? o->tap_version : 13);
             fclose(tf);
         }
         printf("# %zu passed, %zu failed, %zu skipped in %.1fs\n",
@@ -766,22 +823,19 @@ int runner_run(const struct runner_options *o)
                total_ms / 1000.0, ncases, njobs, njobs > 1 ? "s" : "");
     }
 out:
-    if (have_tmp) {
-        /* The per-case files were removed as cases finished; any left by an
-         * interrupted run go with the directory. */
-        DIR *d = opendir(tmpdir);
-        struct dirent *e;
-        while (d && (e = readdir(d)) != NULL) {
-            if (e->d_name[0] == '.')
-                continue;
-            char path[512];
-            snprintf(path, sizeof path, "%s/%s", tmpdir, e->d_name);
-            unlink(path);
-        }
-        if (d)
-            closedir(d);
-        rmdir(tmpdir);
+    /* The template, the servers of killed cases and the case files go with
+     * the run dir; its lock is dropped last. */
+    pgserver_release_template();
+    rundir_remove(&run_dir);
+    pgserver_set_interrupt(NULL);
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+    sigaction(SIGHUP, &old_hup, NULL);
+    if (stop_requested && exit_code != 128 + (int)stop_requested) {
+        fprintf(stderr, "pgfault: interrupted by signal %d\n", (int)stop_requested);
+        exit_code = 128 + (int)stop_requested;
     }
+    free(order);
     for (size_t i = 0; i < ncases; i++) {
         free(cases[i].trace);
         free(cases[i].timeline);

@@ -27,7 +27,8 @@ struct runner_options {
     unsigned long seed;
     const char *reports_dir;            /* junit.xml, summary.md, traces/ go here */
     const char *junit_path;             /* NULL: <reports_dir>/junit.xml */
-    int tap;                            /* write TAP 14 to stdout instead of the live lines */
+    int tap;                            /* write TAP to stdout instead of the live lines */
+    int tap_version;                    /* 13 (0 means 13: what prove accepts) or 14 */
     int verbose;                        /* print each case's trace as it completes */
     const char *driver;                 /* "pqpool", a shipped driver's name, or "exec:CMD" */
     const char *expect_failures;        /* --expect-failures FILE (baseline.h), or NULL */

@@ -8,6 +8,7 @@
  * by polling with a deadline, never by sleeping a fixed time.
  */
 #include "steps.h"
+#include "testhook.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -967,6 +968,9 @@ int steps_run(const struct steps_options *o, struct steps_result *r)
     }
     trace(c, "setup", "ready in %.1fms", steps_now_ms() - c->t0);
     c->t0 = steps_now_ms(); /* step times are relative to the first step */
+    /* Test-only: the case's server, proxy, pool (and driver process) are
+     * all up here. */
+    testhook_pause("case", NULL);
 
     for (size_t i = 0; i < o->scn->nsteps && r->passed; i++) {
         const struct scn_step *st = &o->scn->steps[i];

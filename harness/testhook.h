@@ -9,7 +9,7 @@
  * handler sets it), or, with stop NULL, until it is killed. Each process
  * pauses at most once, so a phase reached again later runs on.
  *
- * Phases (where each is reached) are listed in docs/testing.md.
+ * The phases, and where each is reached, are listed in tests/signal-check.sh.
  */
 #ifndef PGFAULT_TESTHOOK_H
 #define PGFAULT_TESTHOOK_H

@@ -191,8 +191,8 @@ static void seq_wrong_password(struct record *r)
 static void seq_no_database(struct record *r)
 {
     char ci[512];
-    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=pgfault password=pgfault dbname=nosuch",
-             pgserver_port(srv));
+    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=pgfault password=%s dbname=nosuch",
+             pgserver_port(srv), pgserver_password(srv));
     PQfinish(connect_verbose(ci, r));
 }
 
@@ -243,7 +243,8 @@ static void seq_fast_shutdown(struct record *r, int real)
         seq_call_real;                                                                             \
         mode(FAKEPQ_SIMULATED);                                                                    \
         /* The simulated server's port is the real one's, so messages naming                       \
-         * it match. */                                                                            \
+         * it match; its role has the real one's (random) password. */                             \
+        fakepq_sim_set_password("pgfault", pgserver_password(srv));                                \
         seq_call_sim;                                                                              \
         assert_int_equal(fakepq_leaks(stderr), 0);                                                 \
         compare(&real, &sim);                                                                      \

@@ -11,9 +11,10 @@ shift || true
 # libjansson-dev: the driver protocol's JSON. python3-psycopg2: the example
 # driver (harness/drivers/example). chromium and netpbm: the check that
 # reports/index.html renders (screenshot,
-# blank-page test).
+# blank-page test). perl: prove, Debian's TAP consumer, which the tests run
+# on pgfault's TAP.
 pkgs=(gcc make pkg-config libpq-dev libcmocka-dev lcov postgresql-15 postgresql-client-15
-    libjansson-dev python3-psycopg2
+    libjansson-dev python3-psycopg2 perl
     chromium netpbm "$@")
 
 # Node.js packages of the shipped drivers: `npm ci` from each committed
