@@ -7,7 +7,9 @@
 #   make run              the scenario catalogue on every backend (the CI gate)
 #   make scenario S=...   one scenario with a step-by-step trace
 #   make scorecard        every shipped pool through the catalogue, against its baseline
-#   make test             what .ci/run calls: check, sanitizer checks, run, scorecard
+#   make test             what .ci/run calls: check, sanitizer checks, run, scorecard,
+#                         the signal check
+#   make check-signals    pgfault run signalled in every phase leaves nothing behind
 #   make install PREFIX=  library, header, pqpool.pc, pgfault
 #   make SANITIZE=address,undefined check   (or SANITIZE=thread)
 
@@ -76,7 +78,7 @@ PGFAULT := $(BUILD)/pgfault
 # jansson: the driver protocol's JSON (exec drivers).
 HARNESS_LIBS := -ldl -lm -ljansson
 
-.PHONY: all deps deps-check check check-report run scenario scorecard test test-sanitize coverage bench install format format-check clean
+.PHONY: all deps deps-check check check-report check-signals run scenario scorecard test test-sanitize coverage bench install format format-check clean
 
 # Coverage thresholds for pool/ (make coverage fails below them).
 COVERAGE_LINES_MIN := 95
@@ -132,9 +134,19 @@ $(BUILD)/tests/test_pqpool_oom: $(BUILD)/obj/tests/test_pqpool_oom.o $(BUILD)/ob
 check: deps-check $(TEST_BINS)
 	@T='$(T)' tools/run-tests.sh $(TEST_BINS)
 
-# The unit tests again under AddressSanitizer+UBSan, as CI runs them.
+# The unit tests and the catalogue again under AddressSanitizer+UBSan, as
+# CI runs them. Each case process runs LeakSanitizer over itself before it
+# leaves (it exits with _exit, which LSan never sees), so a leak fails the
+# case. Reports go to build/address-undefined/reports, not reports/.
 test-sanitize: deps-check
 	$(MAKE) --no-print-directory SANITIZE=address,undefined check
+	$(MAKE) --no-print-directory SANITIZE=address,undefined all
+	build/address-undefined/pgfault run --reports build/address-undefined/reports
+
+# `pgfault run` sent SIGINT, SIGTERM, SIGHUP and SIGKILL in each phase of a
+# run must leave no process, temp dir or socket: reports/signal-check.md.
+check-signals: deps-check all
+	tests/signal-check.sh $(PGFAULT) reports/signal-check.md
 
 run: deps-check all
 	@if [ -x $(PGFAULT) ]; then $(PGFAULT) run; else echo "run: the scenario runner is not built yet"; fi
@@ -160,6 +172,7 @@ test: deps-check
 	$(MAKE) --no-print-directory run
 	$(MAKE) --no-print-directory scorecard
 	$(MAKE) --no-print-directory check-report
+	$(MAKE) --no-print-directory check-signals
 
 coverage: deps-check
 	$(MAKE) --no-print-directory COVERAGE=1 all $(patsubst build/default/%,build/default-coverage/%,$(TEST_BINS))

@@ -52,6 +52,55 @@ struct job {
  * not run the parent's atexit handlers), which skips gcov's own flush. */
 extern void __gcov_dump(void) __attribute__((weak));
 
+/* Present only in a sanitizer build with LeakSanitizer. */
+extern int __lsan_do_recoverable_leak_check(void) __attribute__((weak));
+
+/* LeakSanitizer over the case process, which leaves with _exit and so is
+ * never checked at exit. Its report is appended to the trace; the first
+ * SUMMARY line goes to summary. Returns 1 if it found leaks. */
+static int case_leak_check(const char *trace_path, const char *scratch, char *summary, size_t len)
+{
+    if (!__lsan_do_recoverable_leak_check)
+        return 0;
+    testhook_leak();
+    fflush(stderr);
+    int saved = dup(2);
+    int fd = open(scratch, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (saved < 0 || fd < 0) {
+        if (saved >= 0)
+            close(saved);
+        if (fd >= 0)
+            close(fd);
+        return 0;
+    }
+    dup2(fd, 2);
+    int leaked = __lsan_do_recoverable_leak_check();
+    dup2(saved, 2);
+    close(saved);
+    close(fd);
+    if (leaked) {
+        FILE *in = fopen(scratch, "r"), *out = fopen(trace_path, "a");
+        char line[1024];
+        snprintf(summary, len, "LeakSanitizer found leaks in the case process");
+        if (out)
+            fprintf(out, "\n== LeakSanitizer, over the case process ==\n");
+        while (in && fgets(line, sizeof line, in)) {
+            if (out)
+                fputs(line, out);
+            if (strncmp(line, "SUMMARY:", 8) == 0) {
+                line[strcspn(line, "\n")] = '\0';
+                snprintf(summary, len, "LeakSanitizer: %.300s", line + 9);
+            }
+        }
+        if (in)
+            fclose(in);
+        if (out)
+            fclose(out);
+    }
+    unlink(scratch);
+    return leaked != 0;
+}
+
 static void child_exit(int code)
 {
     if (__gcov_dump)
@@ -379,6 +428,20 @@ static void child_main(const struct runner_options *o, const struct run_driver *
     fclose(trace);
     if (tl)
         fclose(tl);
+    /* In a sanitizer build, memory the pool or the harness leaked in this
+     * case fails it. */
+    char scratch[300], leaks[400];
+    snprintf(scratch, sizeof scratch, "%s.lsan", result_path);
+    if (case_leak_check(trace_path, scratch, leaks, sizeof leaks)) {
+        if (rc == 0 && (r.verdict == STEPS_PASS || r.verdict == STEPS_NA)) {
+            r.verdict = STEPS_FAIL;
+            r.line = 0;
+            snprintf(r.message, sizeof r.message, "%s (the report is in the trace)", leaks);
+        } else {
+            size_t ml = strlen(r.message);
+            snprintf(r.message + ml, sizeof r.message - ml, "; and %s", leaks);
+        }
+    }
     FILE *rf = fopen(result_path, "we");
     if (!rf)
         child_exit(3);

@@ -40,3 +40,13 @@ void testhook_pause(const char *phase, volatile sig_atomic_t *stop)
         sigsuspend(&old);
     sigprocmask(SIG_SETMASK, &old, NULL);
 }
+
+void testhook_leak(void)
+{
+    if (!getenv("PGFAULT_TEST_LEAK"))
+        return;
+    /* Stored nowhere, so no pointer to it survives this call. */
+    volatile char *p = malloc(48);
+    if (p)
+        p[0] = 1;
+}

@@ -18,4 +18,8 @@
 
 void testhook_pause(const char *phase, volatile sig_atomic_t *stop);
 
+/* With PGFAULT_TEST_LEAK set, leaks a small block: proves that a leak
+ * check which should see it does. */
+void testhook_leak(void);
+
 #endif

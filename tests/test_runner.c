@@ -101,6 +101,31 @@ static void test_hang_is_reported_with_the_last_step(void **state)
     assert_non_null(strstr(j, "last step: line 3   hold 30s"));
 }
 
+extern int __lsan_do_recoverable_leak_check(void) __attribute__((weak));
+
+/* Case processes leave with _exit, which LeakSanitizer never sees: the
+ * runner checks them itself, and a leak fails the case. */
+static void test_leak_in_the_case_process_fails_it(void **state)
+{
+    if (!__lsan_do_recoverable_leak_check)
+        skip(); /* only a sanitizer build can see leaks */
+    write_file("s/ok/leak.scn", "pool max=1 min_idle=0 housekeeping=off\n"
+                                "acquire c1\n"
+                                "release c1\n");
+    assert_int_equal(run("s/ok/leak.scn", 30000), 0);
+    setenv("PGFAULT_TEST_LEAK", "1", 1);
+    int rc = run("s/ok/leak.scn", 30000);
+    unsetenv("PGFAULT_TEST_LEAK");
+    assert_int_equal(rc, 1);
+    char *j = slurp("reports/junit.xml");
+    assert_non_null(j);
+    assert_non_null(strstr(j, "LeakSanitizer: "));
+    assert_non_null(strstr(j, "48 byte(s) leaked in 1 allocation(s)"));
+    char *t = slurp("reports/traces/ok-leak.fake.txt");
+    assert_non_null(t);
+    assert_non_null(strstr(t, "== LeakSanitizer, over the case process =="));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -108,6 +133,7 @@ int main(void)
         cmocka_unit_test(test_failing_expectation_exits_1_and_names_the_line),
         cmocka_unit_test(test_parse_error_exits_2),
         cmocka_unit_test(test_hang_is_reported_with_the_last_step),
+        cmocka_unit_test(test_leak_in_the_case_process_fails_it),
     };
     if (getenv("T"))
         cmocka_set_test_filter(getenv("T"));
