@@ -115,7 +115,7 @@ check_one() {
     done
     local took=$(($(now_ms) - t0))
     if [ -n "$left" ]; then
-        verdict="${verdict:+$verdict; }processes left: $(for p in $left; do { tr '\0' ' ' <"/proc/$p/cmdline"; } 2>/dev/null | cut -c1-60; echo -n '; '; done)"
+        verdict="${verdict:+$verdict; }processes left: $(for p in $left; do { tr '\0' ' ' <"/proc/$p/cmdline"; } 2>/dev/null | cut -c1-60 | tr -d '\n'; echo -n '; '; done)"
         for p in $left; do kill -9 "$p" 2>/dev/null; done
     fi
     [ -n "$files" ] && verdict="${verdict:+$verdict; }left in TMPDIR: $files"
