@@ -464,8 +464,13 @@ static void run_checks(struct checker *k, struct pgserver *srv)
         return;
     struct driver_conn *c3 = NULL;
     o = k->ops->acquire(k->d, -1, &c3, &el, err, sizeof err);
-    check(k, o == DRIVER_CLOSED, "acquire after close: outcome closed (got %s)",
+    /* What a closed pool does is the pool's behaviour, not the driver's
+     * conformance (hygiene/close-with-waiters judges it; SQLAlchemy's
+     * dispose() leaves a working pool): any outcome is a valid answer. */
+    check(k, o != DRIVER_BROKEN, "acquire after close: answered (the pool's answer: %s)",
           driver_outcome_name(o));
+    if (o == DRIVER_OK && c3)
+        (void)k->ops->release(k->d, c3, err, sizeof err);
     (void)k->ops->close(k->d, err, sizeof err);
     check(k, !k->ops->fate(k->d, NULL, 0), "close twice: answered (the pool's answer: %s)",
           err[0] ? err : "ok");

@@ -46,6 +46,10 @@ static void test_mistakes_are_located(void **state)
     snprintf(want, sizeof want, "%s:1:24: expected verdicts like FAIL or FAIL|HANG", path);
     assert_non_null(strstr(err, want));
     assert_non_null(strstr(err, "got 'FAIL|BOOM'"));
+    /* PASS only beside a failure (a pool that races). */
+    assert_int_equal(load_error("auth/x proxy node-pg - PASS why\n", err, sizeof err), -1);
+    assert_non_null(strstr(err, "got 'PASS'"));
+    assert_int_equal(load_error("auth/x proxy node-pg - FAIL|PASS races\n", err, sizeof err), 0);
     assert_int_equal(load_error("auth/x proxi node-pg - FAIL why\n", err, sizeof err), -1);
     assert_non_null(strstr(err, ":1:8: expected a backend (fake or proxy), got 'proxi'"));
     assert_int_equal(load_error("nameonly proxy node-pg - FAIL why\n", err, sizeof err), -1);
@@ -72,17 +76,17 @@ static struct runner_case mk(const char *name, enum runner_status st, const char
 
 static void test_strict_judgement(void **state)
 {
-    write_baseline(
-        "# scenario backend driver settings verdicts reason\n"
-        "a/crashes   proxy node-pg error_listener=off CRASH      no listener\n"
-        "a/varies    proxy node-pg error_listener=off FAIL|HANG  slow on a loaded box\n"
-        "a/fixed     proxy node-pg error_listener=off FAIL       was broken\n"
-        "a/changed   proxy node-pg error_listener=off FAIL       fails an expect\n"
-        "a/other     proxy node-pg error_listener=on  FAIL       only with a listener\n");
+    write_baseline("# scenario backend driver settings verdicts reason\n"
+                   "a/crashes   proxy node-pg error_listener=off CRASH      no listener\n"
+                   "a/varies    proxy node-pg error_listener=off FAIL|HANG  slow on a loaded box\n"
+                   "a/fixed     proxy node-pg error_listener=off FAIL       was broken\n"
+                   "a/changed   proxy node-pg error_listener=off FAIL       fails an expect\n"
+                   "a/other     proxy node-pg error_listener=on  FAIL       only with a listener\n"
+                   "a/races     proxy node-pg error_listener=off FAIL|PASS  the pool races\n");
     struct baseline *b = NULL;
     char err[600];
     assert_int_equal(baseline_load(path, &b, err, sizeof err), 0);
-    struct runner_case c[7] = {
+    struct runner_case c[9] = {
         mk("a/crashes", RUNNER_CRASH, "exited"),
         mk("a/varies", RUNNER_HANG, "no answer"),
         mk("a/fixed", RUNNER_PASS, ""),
@@ -90,8 +94,10 @@ static void test_strict_judgement(void **state)
         mk("a/other", RUNNER_FAIL, "x"),
         mk("a/new", RUNNER_FAIL, "a new failure"),
         mk("a/na", RUNNER_NA, "cannot express it"),
+        mk("a/races", RUNNER_PASS, ""),
+        mk("a/races", RUNNER_FAIL, "lost the race"),
     };
-    size_t red = baseline_apply(b, "node-pg", "error_listener=off", c, 7);
+    size_t red = baseline_apply(b, "node-pg", "error_listener=off", c, 9);
     /* expected: crashes, varies; red: fixed (unexpected pass), changed
      * (other verdict), other (entry is for another setting: a new
      * failure here), new. N/A is never red. */
@@ -106,6 +112,9 @@ static void test_strict_judgement(void **state)
     assert_true(!c[4].expected && runner_case_gate_failed(&c[4]));
     assert_true(runner_case_gate_failed(&c[5]));
     assert_false(runner_case_gate_failed(&c[6]));
+    /* A race either way: a plain pass, or an expected failure. */
+    assert_true(!c[7].expected && !c[7].unexpected && !runner_case_gate_failed(&c[7]));
+    assert_true(c[8].expected && !runner_case_gate_failed(&c[8]));
     baseline_free(b);
 }
 

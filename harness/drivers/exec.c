@@ -814,6 +814,8 @@ static int outcome_call(struct driver *d, json_t *o, int deadline_ms, char *err,
     if (!r)
         return -1;
     int rc = 0;
+    if (err && len)
+        err[0] = '\0'; /* an ok reply leaves no earlier message behind */
     if (strcmp(str(r, "outcome"), "error") == 0)
         rc = bad(err, len, "%s", str(r, "message"));
     json_decref(r);
