@@ -28,9 +28,12 @@ static const struct {
 } shipped[] = {
     {"example", "/usr/bin/python3", "example/driver.py"},
     {"node-pg", "node", "node-pg/driver.js"},
+    {"sqlalchemy", "/usr/bin/python3", "sqlalchemy/driver.py"},
+    {"psycopg-pool", "/usr/bin/python3", "psycopg-pool/driver.py"},
 };
 
-static const char *const names[] = {"pqpool", "example", "node-pg", "exec:COMMAND", NULL};
+static const char *const names[] = {"pqpool",       "example",      "node-pg", "sqlalchemy",
+                                    "psycopg-pool", "exec:COMMAND", NULL};
 
 const struct driver_ops *driver_find(const char *name, const char **command)
 {

@@ -28,8 +28,9 @@ static const struct {
     const char *driver;
     const char *setting; /* one --driver-setting, or NULL */
 } configs[] = {
-    {"node-pg", "error_listener=on"},
-    {"node-pg", "error_listener=off"},
+    {"node-pg", "error_listener=on"}, {"node-pg", "error_listener=off"},
+    {"sqlalchemy", "pre_ping=on"},    {"sqlalchemy", "pre_ping=off"},
+    {"psycopg-pool", NULL},
 };
 #define NCONFIGS (sizeof configs / sizeof configs[0])
 

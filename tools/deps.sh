@@ -12,9 +12,10 @@ shift || true
 # driver (harness/drivers/example). chromium and netpbm: the check that
 # reports/index.html renders (screenshot,
 # blank-page test). perl: prove, Debian's TAP consumer, which the tests run
-# on pgfault's TAP.
+# on pgfault's TAP. python3-sqlalchemy and python3-psycopg-pool: the pools
+# of the sqlalchemy and psycopg-pool drivers (Debian's Python; no PyPI).
 pkgs=(gcc make pkg-config libpq-dev libcmocka-dev lcov postgresql-15 postgresql-client-15
-    libjansson-dev python3-psycopg2 perl
+    libjansson-dev python3-psycopg2 perl python3-sqlalchemy python3-psycopg-pool
     chromium netpbm "$@")
 
 # Node.js packages of the shipped drivers: `npm ci` from each committed
