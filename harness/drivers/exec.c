@@ -633,7 +633,9 @@ static int exec_start(const struct driver_start_args *a, struct driver **out, ch
     char e[700];
     json_t *r = request(d, h, DEFAULT_DEADLINE_MS, e, sizeof e);
     if (!r) {
-        bad(err, len, "driver '%s': hello: %s", a->command, e);
+        /* An error reply already names the request ("hello: ..."). */
+        bad(err, len, "driver '%s': %s%s", a->command, strncmp(e, "hello: ", 7) ? "hello: " : "",
+            e);
         int fate = exec_fate(d, NULL, 0);
         exec_destroy(d);
         return fate == 1 ? DRIVER_CRASHED : fate == 2 ? DRIVER_HUNG : -1;
