@@ -140,7 +140,16 @@ int baseline_load(const char *path, struct baseline **out, char *err, size_t len
                     (int)(p - line) + 1);
             break;
         }
-        snprintf(e.reason, sizeof e.reason, "%s", p);
+        size_t rl = strlen(p);
+        while (rl && (p[rl - 1] == ' ' || p[rl - 1] == '\t' || p[rl - 1] == '\r'))
+            rl--;
+        if (rl >= sizeof e.reason) {
+            /* Reports show it whole or not at all: never cut silently. */
+            rc = at(err, len, path, lineno, "%d: the reason is %zu characters; at most %zu fit",
+                    (int)(p - line) + 1, rl, sizeof e.reason - 1);
+            break;
+        }
+        snprintf(e.reason, sizeof e.reason, "%.*s", (int)rl, p);
         for (size_t i = 0; i < b->n; i++) {
             if (strcmp(b->e[i].scenario, e.scenario) == 0 &&
                 strcmp(b->e[i].backend, e.backend) == 0 && strcmp(b->e[i].driver, e.driver) == 0 &&

@@ -57,6 +57,11 @@ static void test_mistakes_are_located(void **state)
     assert_int_equal(
         load_error("a/b proxy d - FAIL one\na/b proxy d - HANG two\n", err, sizeof err), -1);
     assert_non_null(strstr(err, ":2:1: the same case as line 1"));
+    char longer[600] = "a/b proxy d - FAIL ";
+    memset(longer + strlen(longer), 'x', 420);
+    strcat(longer, "\n");
+    assert_int_equal(load_error(longer, err, sizeof err), -1);
+    assert_non_null(strstr(err, ":1:20: the reason is 420 characters; at most 399 fit"));
     assert_int_equal(load_error("", err, sizeof err), 0);
     struct baseline *b = NULL;
     assert_int_equal(baseline_load("/nonexistent/x.txt", &b, err, sizeof err), -1);
