@@ -146,8 +146,18 @@ timeline(struct ctx *c, double start_ms, double end_ms, const char *kind, const 
  * reports -- CRASH or HANG with what happened -- not the step it broke. */
 __attribute__((format(printf, 3, 4))) static int fail(struct ctx *c, int line, const char *fmt, ...)
 {
-    if (!c->r->passed)
-        return -1; /* keep the first failure */
+    if (!c->r->passed) {
+        /* The verdict keeps the first failure; later ones (a leak found
+         * while winding down) still go into the trace, so it explains the
+         * time they took. */
+        char later[700];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(later, sizeof later, fmt, ap);
+        va_end(ap);
+        trace(c, "also", "%s", later);
+        return -1;
+    }
     char why[700];
     int fate = c->d ? c->drv->fate(c->d, why, sizeof why) : 0;
     if (fate) {
