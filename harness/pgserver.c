@@ -369,7 +369,10 @@ static int make_dir(char *path, size_t len, const char *kind, char *err, size_t 
     return 0;
 }
 
-/* The postmaster's pid from postmaster.pid, or 0. */
+/* The postmaster's pid from postmaster.pid, or 0. The pid is believed only
+ * if that process runs in data (a postmaster's working dir is its data
+ * dir): a stale file's pid may have been reused, and the postgres user can
+ * write the file, so it must never make us signal another process. */
 static pid_t postmaster_pid(const char *data)
 {
     char path[PATH_MAX + 32];
@@ -381,7 +384,15 @@ static pid_t postmaster_pid(const char *data)
     if (fscanf(f, "%ld", &pid) != 1)
         pid = 0;
     fclose(f);
-    return pid > 0 && kill((pid_t)pid, 0) == 0 ? (pid_t)pid : 0;
+    if (pid <= 0 || kill((pid_t)pid, 0) != 0)
+        return 0;
+    char cwd_link[64], cwd[PATH_MAX], want[PATH_MAX];
+    snprintf(cwd_link, sizeof cwd_link, "/proc/%ld/cwd", pid);
+    ssize_t n = readlink(cwd_link, cwd, sizeof cwd - 1);
+    if (n < 0 || !realpath(data, want))
+        return 0;
+    cwd[n] = '\0';
+    return strcmp(cwd, want) == 0 ? (pid_t)pid : 0;
 }
 
 /* ---- Reapers ------------------------------------------------------------------- */

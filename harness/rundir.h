@@ -9,8 +9,14 @@
  * not), so a run is dead exactly when its dir can be locked -- whatever
  * pids have been reused since.
  *
+ * A run dir is made as pgfault-mkrun-XXXXXX, locked, and only then renamed
+ * to its run name, so no reaper can take a dir still being made for a dead
+ * run's.
+ *
  * rundir_create first reaps the dirs of dead runs of the same user: stops
- * the servers inside them (through their postmaster.pid) and removes them.
+ * the servers inside them (through their postmaster.pid, believed only for
+ * a process running in that data dir) and removes them; a pgfault-mkrun-
+ * dir older than a minute was left by a run killed while making it.
  */
 #ifndef PGFAULT_RUNDIR_H
 #define PGFAULT_RUNDIR_H

@@ -752,6 +752,7 @@ int runner_run(const struct runner_options *o)
                 printf("==> %s [%s]\n", cases[next].name, scn_backend_name(cases[next].backend));
             fflush(stdout);
             fflush(stderr);
+            pid_t self = getpid(); /* before the fork: a child's getppid() may be 1 already */
             pid_t pid = fork();
             if (pid < 0) {
                 fprintf(stderr, "pgfault: fork: %s\n", strerror(errno));
@@ -759,7 +760,7 @@ int runner_run(const struct runner_options *o)
                 break;
             }
             if (pid == 0)
-                child_main(o, rd, case_scn[next], cases[next].backend, tp, lp, rp, live, getppid());
+                child_main(o, rd, case_scn[next], cases[next].backend, tp, lp, rp, live, self);
             setpgid(pid, pid); /* also here: no window where a kill misses the group */
             jobs[j] = (struct job){pid, next, now_ms(), case_budget_ms(case_scn[next], o),
                                    case_scn[next]};

@@ -296,6 +296,11 @@ int scorecard_run(const struct scorecard_options *o)
         return 2;
     int worst = 0;
     char tsv[1400];
+    /* Like a run's reports: an interrupted scorecard leaves no old card. */
+    snprintf(tsv, sizeof tsv, "%s/scorecard.md", o->reports_dir);
+    unlink(tsv);
+    snprintf(tsv, sizeof tsv, "%s/scorecard.html", o->reports_dir);
+    unlink(tsv);
     /* pqpool: the same job's make run, or a run of its own. */
     const char *pq = o->pqpool_results;
     char pqdir[64] = "";
@@ -307,6 +312,10 @@ int scorecard_run(const struct scorecard_options *o)
         snprintf(reports, sizeof reports, "%s/%s", o->reports_dir, pqdir);
         struct runner_options ro = run_options(o, "pqpool", reports, SCN_BACKEND_ALL);
         int rc = runner_run(&ro);
+        if (rc >= 128) {
+            free(k);
+            return rc;
+        }
         worst = rc > worst ? rc : worst;
         snprintf(tsv, sizeof tsv, "%s/cases.tsv", reports);
     } else {
@@ -337,6 +346,11 @@ int scorecard_run(const struct scorecard_options *o)
         snprintf(run_dir, sizeof run_dir, "scorecard/%s%s%s", configs[i].driver,
                  configs[i].setting ? "-" : "", configs[i].setting ? configs[i].setting : "");
         int rc = run_config(o, configs[i].driver, configs[i].setting, run_dir);
+        if (rc >= 128) {
+            /* Interrupted: the whole scorecard stops, as one run would. */
+            free(k);
+            return rc;
+        }
         worst = rc > worst ? rc : worst;
         char reports[1200];
         snprintf(reports, sizeof reports, "%s/%s/cases.tsv", o->reports_dir, run_dir);

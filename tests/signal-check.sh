@@ -82,8 +82,14 @@ check_one() {
         verdict="phase not reached: $(tail -2 "$dir/out" | tr '\n' ' ')"
         kill -9 "$pid" 2>/dev/null
     else
-        [ "$phase" = driver ] && ! pgrep -f "drivers/example/driver.py" >/dev/null &&
-            verdict="no driver process at the pause"
+        if [ "$phase" = driver ]; then
+            local p found=""
+            for p in $(procs_under "$dir"); do
+                { tr '\0' ' ' <"/proc/$p/cmdline"; } 2>/dev/null | grep -q "drivers/example/driver.py" &&
+                    found=1
+            done
+            [ -n "$found" ] || verdict="no driver process of this run at the pause"
+        fi
         kill "-$sig" "$pid"
     fi
     local t0
@@ -96,7 +102,20 @@ check_one() {
     fi
     wait "$pid" 2>/dev/null
     rc=$?
+    # The run must end because of the signal, not because its case ended
+    # anyway (a runner ignoring the signal would end at its watchdog).
+    local want=$((128 + $(kill -l "$sig")))
+    [ "$rc" = "$want" ] || verdict="${verdict:+$verdict; }exit status $rc, expected $want"
     if [ "$sig" = KILL ]; then
+        # The killed run's lock goes with its last process, which the
+        # parent-death signal kills a moment after the runner: the next run
+        # is started once it is free, as a user's next run would be.
+        local rd
+        for rd in "$dir"/tmp/pgfault-run-*; do
+            [ -d "$rd" ] || continue
+            flock -w 10 "$rd" true ||
+                verdict="${verdict:+$verdict; }$rd still locked 10 s after SIGKILL"
+        done
         # What the dead run left is reaped when the next run starts.
         TMPDIR="$dir/tmp" "$pgfault" run -f "$quick" -b fake -j 1 --reports "$dir/reports2" \
             >"$dir/next.out" 2>&1 ||
