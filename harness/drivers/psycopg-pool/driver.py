@@ -120,13 +120,17 @@ Events: every record of the "psycopg" loggers at INFO and above (the pool's
 own log: requests, grows, connects, connect errors, discards, rollbacks) and
 reconnect_failed from the pool's callback.
 """
-import json
 import logging
 import os
 import socket
 import sys
 import threading
 import time
+
+# The protocol's plumbing, shared with the other Python drivers.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pgfault_driver import (BadRequest, ProtocolDriver, ignored, mapped,  # noqa: E402
+                            unsupported, us_since)
 
 try:
     import psycopg
@@ -144,18 +148,6 @@ def msg(e):
 
 
 # ---- what each scenario `pool` key becomes ----------------------------------------
-def mapped(option):
-    return {"status": "mapped", "option": option}
-
-
-def ignored(reason):
-    return {"status": "ignored", "reason": reason}
-
-
-def unsupported(reason):
-    return {"status": "unsupported", "reason": reason}
-
-
 SETTINGS = {
     "max": mapped("max_size"),
     "min_idle": mapped("min_size (connections held, idle or checked out; the workers open them "
@@ -207,10 +199,6 @@ STRINGS = ("init_sql", "application_name", "dbname", "password")
 PSYCOPG_DEFAULT_MIN_SIZE = 4  # ConnectionPool(min_size=4) in psycopg_pool 3.1
 
 
-class BadRequest(Exception):
-    """The request itself is wrong: an `"ok": false` reply."""
-
-
 def classify(e):
     """The acquire outcome for what getconn() raised. getconn() only waits (the
     workers connect), so in practice it raises PoolTimeout, PoolClosed or
@@ -231,10 +219,6 @@ def classify(e):
     if isinstance(e, psycopg.OperationalError) and not code:
         return "connect"
     return "other"
-
-
-def us_since(t0):
-    return (time.monotonic_ns() - t0) // 1000
 
 
 # The pool's log lines, as one-word events (the message is the pool's own text).
@@ -268,84 +252,20 @@ class PoolLog(logging.Handler):
         self.driver.event(word, text, conn)
 
 
-# ---- plumbing (from the example driver) --------------------------------------------
-class Reply:
-    """Answers one request exactly once, whoever comes first: the request
-    thread or its deadline timer. A later answer goes to stderr only."""
-
-    def __init__(self, driver, req_id):
-        self.driver, self.id, self.lock, self.sent = driver, req_id, threading.Lock(), False
-
-    def send(self, **fields):
-        with self.lock:
-            sent, self.sent = self.sent, True
-        if sent:
-            print("request %d: late answer dropped: %r" % (self.id, fields), file=sys.stderr)
-        else:
-            self.driver.send(dict(id=self.id, **fields))
-
-    def deadline(self, req, t0):
-        """Answers `timeout` at t0 + the request's timeout_ms (default 10 s)
-        unless answered before."""
-        ms = 10000 if req.get("timeout_ms") is None else req["timeout_ms"]
-        t = threading.Timer(ms / 1000, lambda: self.send(
-            ok=True, outcome="timeout", message="no answer within %d ms" % ms,
-            elapsed_us=us_since(t0)))
-        t.daemon = True
-        t.start()
-        return t
-
-
-class Driver:
+class Driver(ProtocolDriver):
     def __init__(self, out=sys.stdout):
-        self.out, self.out_lock = out, threading.Lock()
+        super().__init__(out)
         self.pool = None
         self.lock = threading.Lock()  # conns, names, password, next handle
         self.conns, self.names = {}, {}  # handle -> connection, connection -> last handle
         self.next_handle = 1
         self.password = None
 
-    # ---- plumbing ----
-    def send(self, obj):
-        line = json.dumps(obj, separators=(",", ":")) + "\n"
-        with self.out_lock:  # whole lines, never interleaved
-            self.out.write(line)
-            self.out.flush()
-
-    def event(self, name, message=None, conn=None):
-        ev = {"event": name, "message": message, "conn": conn}
-        self.send({k: v for k, v in ev.items() if v is not None})
-
-    def serve(self, lines):
-        """Reads requests until stdin closes, each served by its own thread."""
-        for line in lines:
-            try:
-                req = json.loads(line)
-                if not isinstance(req, dict) or type(req.get("id")) is not int:
-                    raise ValueError("no integer id")
-            except ValueError as e:
-                print("bad request ignored: %r: %s" % (line, e), file=sys.stderr)
-                continue
-            threading.Thread(target=self.run_request, args=(req,), daemon=True).start()
-
-    def run_request(self, req):
-        reply, op = Reply(self, req["id"]), req.get("op")
-        try:
-            fn = getattr(self, "op_%s" % op, None) if isinstance(op, str) else None
-            if fn is None:
-                raise BadRequest("unknown op %r" % (op,))
-            if op != "hello" and IMPORT_ERROR is not None:
-                raise BadRequest("%s: psycopg_pool is not importable (%s)" % (op, IMPORT_ERROR))
-            if op not in ("hello", "open") and self.pool is None:
-                raise BadRequest("%s: no pool (send open first)" % op)
-            ms = req.get("timeout_ms")
-            if ms is not None and (type(ms) is not int or ms < 0):
-                raise BadRequest("%s: timeout_ms must be a non-negative integer" % op)
-            reply.send(ok=True, **fn(req, reply))
-        except BadRequest as e:
-            reply.send(ok=False, error=str(e))
-        except Exception as e:  # a driver bug, not the pool's doing
-            reply.send(ok=False, error="%s: driver error: %r" % (op, e))
+    def precheck(self, op):
+        if op != "hello" and IMPORT_ERROR is not None:
+            raise BadRequest("%s: psycopg_pool is not importable (%s)" % (op, IMPORT_ERROR))
+        if op not in ("hello", "open") and self.pool is None:
+            raise BadRequest("%s: no pool (send open first)" % op)
 
     def conn(self, req):
         with self.lock:

@@ -114,7 +114,6 @@ Events: connect, checkin, invalidate, soft_invalidate, close -- the pool's
 own event names (sqlalchemy.event.listen on engine.pool). The sqlalchemy.pool
 logger goes to stderr at INFO (the trace), the pool's reasons in its words.
 """
-import json
 import logging
 import os
 import socket
@@ -122,6 +121,11 @@ import sys
 import threading
 import time
 import weakref
+
+# The protocol's plumbing, shared with the other Python drivers.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pgfault_driver import (BadRequest, ProtocolDriver, ignored, mapped,  # noqa: E402
+                            unsupported, us_since)
 
 try:
     import psycopg2
@@ -133,18 +137,6 @@ try:
     IMPORT_ERROR = None
 except ImportError as _e:  # reported at hello
     IMPORT_ERROR = _e
-
-
-def mapped(option):
-    return {"status": "mapped", "option": option}
-
-
-def ignored(reason):
-    return {"status": "ignored", "reason": reason}
-
-
-def unsupported(reason):
-    return {"status": "unsupported", "reason": reason}
 
 
 NO_BACKOFF = ("QueuePool has no reconnect back-off: a failed connect is raised to the caller "
@@ -203,10 +195,6 @@ DURATIONS = ("acquire_timeout", "connect_timeout", "idle_timeout", "max_lifetime
 STRINGS = ("init_sql", "application_name", "dbname", "password")
 
 
-class BadRequest(Exception):
-    """The request itself is wrong: an `"ok": false` reply."""
-
-
 def msg(e):
     return str(e).strip()
 
@@ -217,10 +205,6 @@ def reason(e):
         return None
     text = " ".join(msg(e).split())
     return type(e).__name__ + (": " + text if text not in ("", "()") else "")
-
-
-def us_since(t0):
-    return (time.monotonic_ns() - t0) // 1000
 
 
 def sqlstate(e):
@@ -252,35 +236,9 @@ def classify(e):
     return "other"
 
 
-class Reply:
-    """Answers one request exactly once, from the request's thread or from
-    its deadline timer, whichever comes first; a late answer goes to stderr."""
-
-    def __init__(self, driver, req_id):
-        self.driver, self.id, self.lock, self.sent = driver, req_id, threading.Lock(), False
-
-    def send(self, **fields):
-        with self.lock:
-            late, self.sent = self.sent, True
-        if late:
-            print("request %d: late answer dropped: %r" % (self.id, fields), file=sys.stderr)
-        else:
-            self.driver.send(dict(id=self.id, **fields))
-
-    def deadline(self, req, t0):
-        """A timer answering `timeout` at t0 + timeout_ms (10 s when null)."""
-        ms = 10000 if req.get("timeout_ms") is None else req["timeout_ms"]
-        timer = threading.Timer(ms / 1000, lambda: self.send(
-            ok=True, outcome="timeout", message="no answer within %d ms" % ms,
-            elapsed_us=us_since(t0)))
-        timer.daemon = True
-        timer.start()
-        return timer
-
-
-class Driver:
+class Driver(ProtocolDriver):
     def __init__(self, out=sys.stdout):
-        self.out, self.out_lock = out, threading.Lock()
+        super().__init__(out)
         self.engine = None
         self.acquire_timeout_ms = None
         self.password = ""
@@ -294,48 +252,9 @@ class Driver:
         self.counters = {"created": 0, "ejected.invalidated": 0, "ejected.recycled": 0}
         self.local = threading.local()  # per thread: disposing, just_invalidated
 
-    # ---- plumbing ----
-    def send(self, obj):
-        line = json.dumps(obj, separators=(",", ":")) + "\n"
-        with self.out_lock:  # whole lines, never interleaved
-            self.out.write(line)
-            self.out.flush()
-
-    def event(self, name, message=None, conn=None):
-        ev = {"event": name, "message": message, "conn": conn}
-        self.send({k: v for k, v in ev.items() if v is not None})
-
-    def serve(self, lines):
-        """Reads requests until stdin closes; each runs on a thread of its
-        own, since the pool's calls block."""
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                req = json.loads(line)
-                if not isinstance(req, dict) or type(req.get("id")) is not int:
-                    raise ValueError("no integer id")
-            except ValueError as e:
-                print("bad request ignored: %r: %s" % (line, e), file=sys.stderr)
-                continue
-            threading.Thread(target=self.run_request, args=(req,), daemon=True).start()
-
-    def run_request(self, req):
-        reply, op = Reply(self, req["id"]), req.get("op")
-        try:
-            fn = getattr(self, "op_%s" % op, None) if isinstance(op, str) else None
-            if fn is None:
-                raise BadRequest("unknown op %r" % (op,))
-            if op not in ("hello", "open") and self.engine is None:
-                raise BadRequest("%s: no pool (send open first)" % op)
-            ms = req.get("timeout_ms")
-            if ms is not None and (type(ms) is not int or ms < 0):
-                raise BadRequest("%s: timeout_ms must be a non-negative integer" % op)
-            reply.send(ok=True, **fn(req, reply))
-        except BadRequest as e:
-            reply.send(ok=False, error=str(e))
-        except Exception as e:  # a driver bug, not the pool's doing
-            reply.send(ok=False, error="%s: driver error: %r" % (op, e))
+    def precheck(self, op):
+        if op not in ("hello", "open") and self.engine is None:
+            raise BadRequest("%s: no pool (send open first)" % op)
 
     def conn(self, req):
         name = req.get("conn")
@@ -569,7 +488,7 @@ class Driver:
     @staticmethod
     def execute(c, sql, t0, timer):
         """Runs sql on Connection c; if the timer has answered `timeout`
-        meanwhile, this late result is dropped by Reply."""
+        meanwhile, this late result is dropped by the Reply."""
         try:
             result = c.exec_driver_sql(sql)
             if result.returns_rows:
