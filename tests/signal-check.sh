@@ -39,6 +39,9 @@ trap 'exit 130' INT TERM HUP
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
+# A process's command line, NULs as blanks (nothing if it is gone).
+cmdline_of() { { tr '\0' ' ' <"/proc/$1/cmdline"; } 2>/dev/null; }
+
 # Pids of processes that belong to a run under dir: its TMPDIR in their
 # environment, their working dir under it (a postmaster's is its data dir),
 # or dir on their command line.
@@ -48,7 +51,7 @@ procs_under() {
         [ "${p#/proc/}" = "$$" ] && continue
         if { tr '\0' '\n' <"$p/environ"; } 2>/dev/null | grep -qx "TMPDIR=$dir/.*" ||
             [[ "$(readlink "$p/cwd" 2>/dev/null)" == "$dir"/* ]] ||
-            { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -qF "$dir/"; then
+            cmdline_of "${p#/proc/}" | grep -qF "$dir/"; then
             echo "${p#/proc/}"
         fi
     done
@@ -85,7 +88,7 @@ check_one() {
         if [ "$phase" = driver ]; then
             local p found=""
             for p in $(procs_under "$dir"); do
-                { tr '\0' ' ' <"/proc/$p/cmdline"; } 2>/dev/null | grep -q "drivers/example/driver.py" &&
+                cmdline_of "$p" | grep -q "drivers/example/driver.py" &&
                     found=1
             done
             [ -n "$found" ] || verdict="no driver process of this run at the pause"
@@ -134,7 +137,7 @@ check_one() {
     done
     local took=$(($(now_ms) - t0))
     if [ -n "$left" ]; then
-        verdict="${verdict:+$verdict; }processes left: $(for p in $left; do { tr '\0' ' ' <"/proc/$p/cmdline"; } 2>/dev/null | cut -c1-60 | tr -d '\n'; echo -n '; '; done)"
+        verdict="${verdict:+$verdict; }processes left: $(for p in $left; do cmdline_of "$p" | cut -c1-60 | tr -d '\n'; echo -n '; '; done)"
         for p in $left; do kill -9 "$p" 2>/dev/null; done
     fi
     [ -n "$files" ] && verdict="${verdict:+$verdict; }left in TMPDIR: $files"

@@ -1000,13 +1000,19 @@ static void test_backpressure_bounds_buffers_loses_nothing(void **state)
 
 /* ---- Failover and on-query -------------------------------------------------------------- */
 
+/* The single integer sql returns on c. */
+static int query_int(PGconn *c, const char *sql)
+{
+    PGresult *r = PQexec(c, sql);
+    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+    int n = atoi(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return n;
+}
+
 static int server_port_of(PGconn *c)
 {
-    PGresult *r = PQexec(c, "SELECT current_setting('port')");
-    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
-    int port = atoi(PQgetvalue(r, 0, 0));
-    PQclear(r);
-    return port;
+    return query_int(c, "SELECT current_setting('port')");
 }
 
 static void test_retarget_failover(void **state)
@@ -1217,11 +1223,7 @@ static int backend_alive(PGconn *direct, int pid)
 {
     char sql[128];
     snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_stat_activity WHERE pid = %d", pid);
-    PGresult *r = PQexec(direct, sql);
-    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
-    int n = atoi(PQgetvalue(r, 0, 0));
-    PQclear(r);
-    return n;
+    return query_int(direct, sql);
 }
 
 /* Regression (issue 12): a client that closed with part of a message sent
